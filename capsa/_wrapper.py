@@ -1,0 +1,415 @@
+"""The machinery every capsa wrapper shares.
+
+A wrapper is two things: a *config* (`Wrapper`, a frozen pydantic model that round-trips through a JSON spec with a
+version, like torchao's per-transformation configs) and the *wrapped module* it builds (`WrappedModel`), which
+leaves the user's model untouched and attaches capsa's own state under the `capsa` child module.
+
+Capsa's parameters are created lazily: the first call with inputs traces which layers the model really calls, the
+wrapper picks its *sites* among them (for example the output layer) and builds its parameters next to them. A
+checkpoint can also create them before any call, from the shapes it holds.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+__all__ = ["LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
+
+_REGISTRY: dict[str, type[Wrapper]] = {}
+
+#: Layer types a wrapper may attach to: they carry the learned features and have a clear feature dimension.
+SITE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class Wrapper(BaseModel):
+    """Configuration of a risk-aware wrapper; calling it on a model returns the wrapped model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Name in specs (``{"wrapper": name, ...}``); set by each concrete wrapper.
+    name: ClassVar[str]
+    #: Spec format version of this wrapper.
+    version: ClassVar[int] = 1
+    #: The module class this config builds.
+    wrapped_class: ClassVar[type[WrappedModel]]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            _REGISTRY[cls.name] = cls
+
+    def __call__(self, model: nn.Module) -> WrappedModel:
+        return self.wrapped_class(model, self)
+
+    def to_spec(self) -> dict[str, Any]:
+        """A JSON-serialisable description from which `capsa.from_spec` rebuilds an equal wrapper."""
+        return {"wrapper": self.name, "version": self.version, **self.model_dump(mode="json")}
+
+
+def from_spec(spec: Mapping[str, Any]) -> Wrapper:
+    """Rebuild a wrapper from `Wrapper.to_spec()` output; raises `ValueError` naming what is wrong."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"capsa spec must be a JSON object, got {type(spec).__name__}")
+    options = dict(spec)
+    name = options.pop("wrapper", None)
+    version = options.pop("version", None)
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"capsa spec: unknown wrapper {name!r} (known: {known})")
+    cls = _REGISTRY[name]
+    if version != cls.version:
+        raise ValueError(f"capsa spec: wrapper {name!r} has spec version {cls.version}, got version {version!r}")
+    return cls.model_validate(options)
+
+
+def is_wrapped(model: object) -> bool:
+    """Whether `model` is a module built by a capsa wrapper."""
+    return isinstance(model, WrappedModel)
+
+
+@dataclass
+class LayerCall:
+    """One call of a candidate site layer, as seen while tracing the model's first forward."""
+
+    name: str
+    module: nn.Module
+    input_shape: torch.Size
+    output_shape: torch.Size
+
+
+@dataclass
+class _CallState:
+    """Per-forward scratch space shared between the wrapper's forward and its layer hooks."""
+
+    batch: int = 0
+    return_risk: bool = False
+    fired: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def site_key(name: str) -> str:
+    """Module names contain dots, which module containers refuse as keys."""
+    return name.replace(".", "-")
+
+
+def site_name(key: str) -> str:
+    return key.replace("-", ".")
+
+
+def feature_dim(module: nn.Module) -> int:
+    """The dimension that indexes a site layer's features: last for Linear, channels for ConvNd."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+class WrappedModel(nn.Module):
+    """A user model plus capsa's state; `forward(x, return_risk=True)` returns `(prediction, risk)`.
+
+    The state dict holds the user's keys exactly as `model.state_dict()` names them, and capsa's under `capsa.`.
+    """
+
+    wrapper: Wrapper
+
+    def __init__(self, model: nn.Module, wrapper: Wrapper) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capsa.{wrapper.name}: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, WrappedModel):
+            raise TypeError(f"capsa.{wrapper.name}: model is already wrapped by capsa.{model.wrapper.name}")
+        super().__init__()
+        self.model = model
+        self.capsa = nn.Module()
+        self.__dict__["wrapper"] = wrapper
+        self._sites: list[str] | None = None
+        self._calls: dict[str, LayerCall] = {}
+        self._state = _CallState()
+        self._has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        self.register_state_dict_post_hook(_user_keys_unprefixed)
+        self.register_load_state_dict_pre_hook(WrappedModel._load_pre_hook)
+
+    # ----------------------------------------------------------------- public surface
+    def capsa_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters capsa added (empty before the first call or checkpoint load)."""
+        return self.capsa.parameters()
+
+    def user_parameters(self) -> Iterator[nn.Parameter]:
+        """The wrapped model's own parameters."""
+        return self.model.parameters()
+
+    def forward(self, x: Tensor, *args: Any, return_risk: bool = False, **kwargs: Any) -> Any:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"capsa.{self.wrapper.name}: the model input must be a tensor with the batch dimension first, "
+                f"got {type(x).__name__}"
+            )
+        if x.dim() == 0:
+            raise ValueError(f"capsa.{self.wrapper.name}: the model input has no batch dimension (a 0-d tensor)")
+        with _fastpath_disabled(self._has_attention):
+            if self._sites is None:
+                self._build(x, args, kwargs)
+            state = self._state = _CallState(batch=x.shape[0], return_risk=return_risk)
+            out = self.model(x, *args, **kwargs)
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"capsa.{self.wrapper.name}: {type(self.model).__name__} returned {type(out).__name__}; "
+                    "capsa wrappers need a model with one tensor output"
+                )
+            for name in self._sites:
+                if state.fired.get(name, 0) != 1:
+                    raise RuntimeError(
+                        f"capsa.{self.wrapper.name}: layer {name!r} ran {state.fired.get(name, 0)} times in this "
+                        "forward (expected once, as when the wrapper was built); the model's call graph changed"
+                    )
+            prediction, risk = self._finish(out, state)
+        self._state = _CallState()
+        return (prediction, risk) if return_risk else prediction
+
+    # ----------------------------------------------------------------- wrapper-specific parts
+    def _select_sites(self, calls: list[LayerCall]) -> list[str]:
+        """Names of the layers this wrapper attaches to, from the traced calls in call order."""
+        raise NotImplementedError
+
+    def _create_state(self, calls: dict[str, LayerCall]) -> None:
+        """Create capsa's parameters and buffers for the selected sites (first call, no checkpoint)."""
+        raise NotImplementedError
+
+    def _create_state_from_checkpoint(self, shapes: dict[str, torch.Size]) -> None:
+        """Create capsa's tensors from a checkpoint's `capsa.`-relative keys and shapes, validating them."""
+        raise NotImplementedError
+
+    def _check_state(self, calls: dict[str, LayerCall]) -> None:
+        """Check state created from a checkpoint against the traced sites (first call after loading)."""
+
+    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        """Forward hook on each site; may replace the layer's output."""
+        raise NotImplementedError
+
+    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+        """Turn the model's raw output into `(prediction, risk)`."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- building
+    def _build(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls = self._trace(x, args, kwargs)
+        sites = self._select_sites(calls)
+        by_name = {c.name: c for c in calls}
+        with torch.inference_mode(False), torch.no_grad():
+            if any(True for _ in self.capsa.named_parameters()) or any(True for _ in self.capsa.buffers()):
+                self._check_state(by_name)
+            else:
+                self._create_state(by_name)
+        for name in sites:
+            module = self.model.get_submodule(name)
+            module.register_forward_hook(functools.partial(self._counted_hook, name))
+        self._calls = by_name
+        self._sites = sites
+
+    def _counted_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
+        self._state.fired[name] = self._state.fired.get(name, 0) + 1
+        if not isinstance(output, Tensor):
+            raise TypeError(f"capsa.{self.wrapper.name}: layer {name!r} returned {type(output).__name__}")
+        return self._site_hook(name, module, args, output)
+
+    def _trace(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[LayerCall]:
+        """Run the model once (eval mode, no grad) and record the site-type layers it calls, in order."""
+        names = {m: n for n, m in self.model.named_modules() if isinstance(m, SITE_TYPES)}
+        calls: list[LayerCall] = []
+
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
+                calls.append(LayerCall(names[module], module, inputs[0].shape, output.shape))
+
+        handles = [m.register_forward_hook(record) for m in names]
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                out = self.model(x, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"capsa.{self.wrapper.name}: {type(self.model).__name__} returned {type(out).__name__}; "
+                "capsa wrappers need a model with one tensor output"
+            )
+        if out.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"capsa.{self.wrapper.name}: {type(self.model).__name__} maps a batch of {x.shape[0]} to an output "
+                f"of shape {tuple(out.shape)}; capsa needs the batch dimension first in input and output"
+            )
+        counts: dict[str, int] = {}
+        for c in calls:
+            counts[c.name] = counts.get(c.name, 0) + 1
+        self._trace_counts = counts
+        self._trace_output_shape = out.shape
+        return calls
+
+    def _output_layer(self, calls: list[LayerCall]) -> LayerCall:
+        """The last Linear/ConvNd layer the model calls: the one that produces the prediction."""
+        if not calls:
+            raise ValueError(
+                f"capsa.{self.wrapper.name}: {type(self.model).__name__} calls no Linear or ConvNd layer; "
+                f"capsa.{self.wrapper.name} attaches to the layer that produces the prediction"
+            )
+        last = calls[-1]
+        if self._trace_counts[last.name] != 1:
+            raise ValueError(
+                f"capsa.{self.wrapper.name}: output layer {last.name!r} is called "
+                f"{self._trace_counts[last.name]} times per forward; it must be called once"
+            )
+        return last
+
+    def _require_batch_first(self, name: str, tensor: Tensor, batch: int) -> None:
+        if tensor.dim() == 0 or tensor.shape[0] != batch:
+            raise ValueError(
+                f"capsa.{self.wrapper.name}: layer {name!r} sees a tensor of shape {tuple(tensor.shape)} but the "
+                f"batch has {batch} samples; capsa needs the batch dimension first at this layer"
+            )
+
+    # ----------------------------------------------------------------- checkpoints
+    def _load_pre_hook(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        capsa_prefix = prefix + "capsa."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(capsa_prefix)]:
+            state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
+        shapes = {k[len(capsa_prefix) :]: v.shape for k, v in state_dict.items() if k.startswith(capsa_prefix)}
+        has_state = any(True for _ in self.capsa.parameters()) or any(True for _ in self.capsa.buffers())
+        if has_state:
+            return  # already built: the standard key/shape checks apply
+        if shapes:
+            with torch.inference_mode(False), torch.no_grad():
+                self._create_state_from_checkpoint(shapes)
+        elif strict and self._needs_state():
+            raise RuntimeError(
+                f"capsa.{self.wrapper.name}: the checkpoint has no 'capsa.' keys (it was saved from an unwrapped "
+                "model, or before the wrapped model's first call); load it with strict=False to keep only the "
+                "user's weights"
+            )
+
+    def _needs_state(self) -> bool:
+        """Whether this wrapper always has capsa tensors in its state dict once built."""
+        return True
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, creating capsa's lazy tensors from the checkpoint if needed."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            # The user model lives under `model.` internally; report keys as the checkpoint names them.
+            message = str(exc).replace('"model.', '"').replace("for model.", "for ")
+            raise RuntimeError(message) from None
+
+
+def _user_keys_unprefixed(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post hook: user keys appear exactly as the user's model names them."""
+    inner = prefix + "model."
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == prefix + "model" or k.startswith(inner)]:
+            metadata[prefix + key[len(inner) :] if key.startswith(inner) else prefix.rstrip(".")] = metadata.pop(key)
+
+
+class _fastpath_disabled:
+    """Turn off PyTorch's fused attention fast path, which bypasses submodule calls (and so capsa's hooks)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active and hasattr(torch.backends, "mha")
+        self.previous = True
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.previous = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            torch.backends.mha.set_fastpath_enabled(self.previous)
+
+
+def find_site_layer(model: nn.Module, name: str, who: str) -> nn.Module:
+    """The model's layer called `name`, which must be a site type; errors name the checkpoint's claim."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise RuntimeError(f"capsa.{who}: the checkpoint names layer {name!r}, which the model does not have") from None
+    if not isinstance(module, SITE_TYPES):
+        raise RuntimeError(
+            f"capsa.{who}: the checkpoint names layer {name!r}, a {type(module).__name__}, not a Linear/ConvNd layer"
+        )
+    return module
+
+
+class OutputLayerModel(WrappedModel):
+    """A wrapper whose state sits beside the model's output layer, as `capsa.<group>.<layer>.<tensor>`."""
+
+    #: The key under `capsa.` that holds this wrapper's tensors.
+    group: ClassVar[str]
+
+    def _new_state(self, module: nn.Module) -> dict[str, Tensor]:
+        """Freshly initialised tensors for `module` (trainable unless the wrapper freezes them)."""
+        raise NotImplementedError
+
+    def _select_sites(self, calls: list[LayerCall]) -> list[str]:
+        return [self._output_layer(calls).name]
+
+    def site_state(self, name: str) -> nn.ParameterDict:
+        return getattr(self.capsa, self.group)[site_key(name)]
+
+    def _install(self, name: str, tensors: dict[str, Tensor]) -> None:
+        params = {k: v if isinstance(v, nn.Parameter) else nn.Parameter(v) for k, v in tensors.items()}
+        setattr(self.capsa, self.group, nn.ModuleDict({site_key(name): nn.ParameterDict(params)}))
+
+    def _create_state(self, calls: dict[str, LayerCall]) -> None:
+        (name,) = self._select_sites(list(calls.values()))
+        self._install(name, self._new_state(self.model.get_submodule(name)))
+
+    def _create_state_from_checkpoint(self, shapes: dict[str, torch.Size]) -> None:
+        who, group = self.wrapper.name, self.group
+        well_formed = [k for k in shapes if k.startswith(group + ".") and k.count(".") == 2]
+        sites = {k.split(".")[1] for k in well_formed}
+        if len(well_formed) != len(shapes) or len(sites) != 1:
+            raise RuntimeError(
+                f"capsa.{who}: the checkpoint's capsa keys {sorted('capsa.' + k for k in shapes)} are not those "
+                f"of capsa.{who} (expected capsa.{group}.<output layer>.<tensor>)"
+            )
+        (key,) = sites
+        module = find_site_layer(self.model, site_name(key), who)
+        state = self._new_state(module)
+        expected = {f"capsa.{group}.{key}.{k}": list(v.shape) for k, v in state.items()}
+        got = {f"capsa.{k}": list(v) for k, v in shapes.items()}
+        if expected != got:
+            raise RuntimeError(
+                f"capsa.{who}: the checkpoint's capsa tensors {got} differ from what this wrapper "
+                f"({self.wrapper.to_spec()}) builds for layer {site_name(key)!r}: {expected}"
+            )
+        self._install(site_name(key), state)  # the load that follows overwrites the values
+
+    def _check_state(self, calls: dict[str, LayerCall]) -> None:
+        (name,) = self._select_sites(list(calls.values()))
+        loaded = [site_name(k) for k in getattr(self.capsa, self.group)]
+        if loaded != [name]:
+            raise RuntimeError(
+                f"capsa.{self.wrapper.name}: the checkpoint holds state for layer {loaded[0]!r}, "
+                f"but the model's output layer is {name!r}"
+            )

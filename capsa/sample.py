@@ -1,0 +1,163 @@
+"""Epistemic risk from stochastic passes: noise after every hidden layer, several passes per prediction.
+
+The wrapper adds multiplicative noise (dropout by default) after each hidden Linear/ConvNd layer the model calls.
+Training uses the user's unchanged loss on ``wrapped(x)``: one stochastic pass per sample. Prediction runs
+``n_samples`` passes as one batched computation, starting at the first noise site (the deterministic part before it
+runs once), and returns their mean as the prediction and their standard deviation as the risk.
+
+In eval mode the passes use ``n_samples`` fixed noise masks drawn once from ``seed`` and shared by all samples, so a
+sample's prediction and risk are deterministic and do not depend on the rest of its batch: the passes are a fixed
+ensemble of thinned networks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from capsa import _wrapper
+from capsa._members import Task, reduce_members
+from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, site_key
+
+__all__ = ["Bernoulli", "Gaussian", "SampleModel", "Wrapper"]
+
+
+class Bernoulli(BaseModel):
+    """Dropout: each feature is dropped with probability `p` (survivors scaled by 1/(1-p))."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Literal["bernoulli"] = "bernoulli"
+    p: float = Field(0.1, gt=0.0, lt=1.0)
+
+    def __init__(self, p: float = 0.1, **data: Any) -> None:
+        super().__init__(p=p, **data)
+
+    def noise(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None) -> Tensor:
+        keep = torch.rand(shape, generator=generator) >= self.p
+        return keep.float() / (1.0 - self.p)
+
+    def apply_(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return out * (torch.rand(shape, device=out.device) >= self.p).to(out.dtype) / (1.0 - self.p)
+
+
+class Gaussian(BaseModel):
+    """Multiplicative Gaussian noise with mean 1 and standard deviation `sigma`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Literal["gaussian"] = "gaussian"
+    sigma: float = Field(0.1, gt=0.0)
+
+    def __init__(self, sigma: float = 0.1, **data: Any) -> None:
+        super().__init__(sigma=sigma, **data)
+
+    def noise(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None) -> Tensor:
+        return 1.0 + self.sigma * torch.randn(shape, generator=generator)
+
+    def apply_(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return out * (1.0 + self.sigma * torch.randn(shape, device=out.device, dtype=out.dtype))
+
+
+Distribution = Annotated[Bernoulli | Gaussian, Field(discriminator="name")]
+
+
+class SampleModel(WrappedModel):
+    """A model wrapped by `capsa.sample.Wrapper`."""
+
+    wrapper: Wrapper
+
+    def _select_sites(self, calls: list[LayerCall]) -> list[str]:
+        output = self._output_layer(calls)
+        hidden: list[str] = []
+        for call in calls:
+            if call.name != output.name and call.name not in hidden:
+                if self._trace_counts[call.name] != 1:
+                    raise ValueError(
+                        f"capsa.sample: hidden layer {call.name!r} is called {self._trace_counts[call.name]} times "
+                        "per forward; noise sites must be called once"
+                    )
+                hidden.append(call.name)
+        if not hidden:
+            raise ValueError(
+                f"capsa.sample: {type(self.model).__name__} has no hidden Linear/ConvNd layer before its output layer "
+                f"{output.name!r} to add noise after"
+            )
+        return hidden
+
+    def _create_state(self, calls: dict[str, LayerCall]) -> None:
+        for index, name in enumerate(self._select_sites(list(calls.values()))):
+            module, call = self.model.get_submodule(name), calls[name]
+            features = call.output_shape[feature_dim(module)]
+            generator = torch.Generator().manual_seed(self.wrapper.seed * 100_003 + index)
+            masks = self.wrapper.distribution.noise((self.wrapper.n_samples, features), generator=generator)
+            weight = module.weight
+            self.capsa.register_buffer(site_key(name), masks.to(weight.device, weight.dtype), persistent=False)
+        self._first_site = self._select_sites(list(calls.values()))[0]
+
+    def _check_state(self, calls: dict[str, LayerCall]) -> None:
+        self._create_state(calls)
+
+    def _needs_state(self) -> bool:
+        return False
+
+    def _create_state_from_checkpoint(self, shapes: dict[str, torch.Size]) -> None:
+        keys = sorted("capsa." + k for k in shapes)
+        raise RuntimeError(f"capsa.sample keeps no tensors in its state dict, but the checkpoint has {keys}")
+
+    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        state, batch = self._state, self._state.batch
+        passes = self.wrapper.n_samples if (state.return_risk or not self.training) else 1
+        if name == self._first_site:
+            self._require_batch_first(name, output, batch)
+            output = output.unsqueeze(0).expand(passes, *output.shape)
+        elif output.dim() == 0 or output.shape[0] != passes * batch:
+            raise ValueError(
+                f"capsa.sample: layer {name!r} sees leading dim {output.shape[0] if output.dim() else None}, "
+                f"expected passes x batch = {passes} x {batch}; the model must keep the batch dimension first"
+            )
+        else:
+            output = output.reshape(passes, batch, *output.shape[1:])
+        dim = feature_dim(module) % (output.dim() - 1) + 1  # feature dim in [passes, batch, ...]
+        if self.training:
+            shape = [passes, batch] + [1] * (output.dim() - 2)
+            shape[dim] = output.shape[dim]
+            if isinstance(self.wrapper.distribution, Bernoulli):
+                output = output * F.dropout(output.new_ones(shape), self.wrapper.distribution.p, training=True)
+            else:
+                output = self.wrapper.distribution.apply_(output, tuple(shape))
+        else:
+            shape = [passes] + [1] * (output.dim() - 1)
+            shape[dim] = output.shape[dim]
+            output = output * getattr(self.capsa, site_key(name)).view(shape)
+        return output.reshape(passes * batch, *output.shape[2:])
+
+    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+        passes = self.wrapper.n_samples if (state.return_risk or not self.training) else 1
+        members = out.reshape(passes, state.batch, *out.shape[1:])
+        if passes == 1:
+            return members[0], torch.zeros_like(members[0])
+        return reduce_members(members, self.wrapper.task, self.wrapper.class_dim)
+
+
+class Wrapper(_wrapper.Wrapper):
+    """Epistemic risk from `n_samples` stochastic passes with noise after every hidden Linear/ConvNd layer.
+
+    Args:
+        n_samples: passes per prediction, at least 2 (default 8).
+        distribution: the noise: `Bernoulli(p)` (dropout, default p=0.1) or `Gaussian(sigma)`.
+        seed: seed of the fixed noise masks used in eval mode (default 0).
+        task: ``"regression"`` or ``"classification"`` (logits in, risk = spread of class probabilities).
+        class_dim: dimension of the classes in the model's output, for classification (default -1).
+    """
+
+    name = "sample"
+    wrapped_class = SampleModel
+
+    n_samples: int = Field(8, ge=2)
+    distribution: Distribution = Field(default_factory=Bernoulli)
+    seed: int = Field(0, ge=0)
+    task: Task = "regression"
+    class_dim: int = -1
