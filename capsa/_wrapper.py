@@ -129,6 +129,7 @@ class WrappedModel(nn.Module):
         self._sites: list[str] | None = None
         self._calls: dict[str, LayerCall] = {}
         self._state = _CallState()
+        self._strict_load = True
         self._has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
         self.register_state_dict_post_hook(_user_keys_unprefixed)
         self.register_load_state_dict_pre_hook(WrappedModel._load_pre_hook)
@@ -296,7 +297,7 @@ class WrappedModel(nn.Module):
         if shapes:
             with torch.inference_mode(False), torch.no_grad():
                 self._create_state_from_checkpoint(shapes)
-        elif strict and self._needs_state():
+        elif self._strict_load and self._needs_state():
             raise RuntimeError(
                 f"capsa.{self.wrapper.name}: the checkpoint has no 'capsa.' keys (it was saved from an unwrapped "
                 "model, or before the wrapped model's first call); load it with strict=False to keep only the "
@@ -309,6 +310,7 @@ class WrappedModel(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, creating capsa's lazy tensors from the checkpoint if needed."""
+        self._strict_load = strict  # torch hands its hooks strict=True whatever the caller asked
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as exc:
