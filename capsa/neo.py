@@ -1,12 +1,12 @@
 """Novelty risk: how far an input's internal representation lies from what the model saw in training.
 
-The signature is learned on the features that enter the model's output layer (averaged over any sequence or
-spatial dims): running statistics standardise them, and a small autoencoder with a saturating bottleneck learns to
-reconstruct them. The risk of a sample is its reconstruction error: low where the autoencoder was trained, growing
-as the features move away from the training distribution.
+The signature is learned on the model's hidden representations: the inputs of every Linear/ConvNd layer after the
+first (averaged over any sequence or spatial dims). Running statistics standardise each of them, and a small
+autoencoder with a saturating bottleneck learns to reconstruct them together. A sample's risk is its reconstruction
+error: low where the autoencoder was trained, growing as the representation leaves the training distribution.
 
-Training: add ``risk.mean()`` to the loss. The features are detached, so the risk term trains only capsa's
-parameters, never the user's; the running statistics update in training mode like BatchNorm's.
+Training: add ``risk.mean()`` to the loss. The representations are detached, so the risk term trains only capsa's
+parameters, never the user's; the running statistics update in training mode, like BatchNorm's.
 """
 
 from __future__ import annotations
@@ -21,33 +21,75 @@ from torch import Tensor, nn
 from capsa import _wrapper
 from capsa._layers import fresh_copies
 from capsa._members import Task
-from capsa._wrapper import OutputLayerModel, _CallState, feature_dim
+from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, find_site_layer, site_key, site_name
 
 __all__ = ["NeoModel", "Wrapper"]
 
 
-class NeoModel(OutputLayerModel):
+class NeoModel(WrappedModel):
     """A model wrapped by `capsa.neo.Wrapper`."""
 
     wrapper: Wrapper
-    group = "novelty"
 
-    def _new_state(self, module: nn.Module) -> dict[str, Tensor]:
-        features = module.weight.shape[1] if isinstance(module, nn.Linear) else module.in_channels
-        latent = self.wrapper.latent_dim
-        like = {"dtype": module.weight.dtype, "device": module.weight.device}
-        encoder = fresh_copies(nn.Linear(features, latent, **like), 1)
-        decoder = fresh_copies(nn.Linear(latent, features, **like), 1)
-        frozen = {"requires_grad": False}
-        return {
-            "mean": nn.Parameter(torch.zeros(features, **like), **frozen),
-            "var": nn.Parameter(torch.ones(features, **like), **frozen),
-            "steps": nn.Parameter(torch.zeros((), **like), **frozen),
-            "encoder_weight": encoder["weight"][0],
-            "encoder_bias": encoder["bias"][0],
-            "decoder_weight": decoder["weight"][0],
-            "decoder_bias": decoder["bias"][0],
-        }
+    def _select_sites(self, calls: list[LayerCall]) -> list[str]:
+        output = self._output_layer(calls)
+        once = [c.name for c in calls if self._trace_counts[c.name] == 1]
+        hidden = once[1:] if len(once) > 1 else [output.name]
+        return hidden
+
+    def _create_state(self, calls: dict[str, LayerCall]) -> None:
+        sites = self._select_sites(list(calls.values()))
+        self._install({name: _width(self.model.get_submodule(name)) for name in sites})
+
+    def _install(self, widths: dict[str, int]) -> None:
+        ref = next(iter(self.model.get_submodule(next(iter(widths))).parameters()))
+        like = {"dtype": ref.dtype, "device": ref.device}
+        stats = {}
+        for name, width in widths.items():
+            stats[site_key(name)] = nn.ParameterDict({
+                "mean": nn.Parameter(torch.zeros(width, **like), requires_grad=False),
+                "var": nn.Parameter(torch.ones(width, **like), requires_grad=False),
+            })
+        total, latent = sum(widths.values()), self.wrapper.latent_dim
+        encoder = fresh_copies(nn.Linear(total, latent, **like), 1)
+        decoder = fresh_copies(nn.Linear(latent, total, **like), 1)
+        self.capsa.statistics = nn.ModuleDict(stats)
+        self.capsa.autoencoder = nn.ParameterDict({
+            "steps": nn.Parameter(torch.zeros((), **like), requires_grad=False),
+            "encoder_weight": nn.Parameter(encoder["weight"][0]),
+            "encoder_bias": nn.Parameter(encoder["bias"][0]),
+            "decoder_weight": nn.Parameter(decoder["weight"][0]),
+            "decoder_bias": nn.Parameter(decoder["bias"][0]),
+        })
+
+    def _create_state_from_checkpoint(self, shapes: dict[str, torch.Size]) -> None:
+        widths: dict[str, int] = {}
+        for key, shape in shapes.items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "statistics" and parts[2] == "mean":
+                widths[site_name(parts[1])] = shape[0]
+        if not widths:
+            raise RuntimeError(
+                f"capsa.neo: the checkpoint's capsa keys {sorted('capsa.' + k for k in shapes)} are not those of "
+                "capsa.neo (expected capsa.statistics.<layer>.mean/var and capsa.autoencoder.*)"
+            )
+        for name in widths:
+            find_site_layer(self.model, name, "neo")
+        self._install(widths)
+        expected = {"capsa." + k: list(v.shape) for k, v in self.capsa.state_dict().items()}
+        got = {"capsa." + k: list(v) for k, v in shapes.items()}
+        if expected != got:
+            self.capsa = nn.Module()
+            raise RuntimeError(
+                f"capsa.neo: the checkpoint's capsa tensors {got} differ from what this wrapper "
+                f"({self.wrapper.to_spec()}) builds for these layers: {expected}"
+            )
+
+    def _check_state(self, calls: dict[str, LayerCall]) -> None:
+        sites = self._select_sites(list(calls.values()))
+        loaded = [site_name(k) for k in self.capsa.statistics]
+        if loaded != sites:
+            raise RuntimeError(f"capsa.neo: the checkpoint describes layers {loaded}, the model calls {sites}")
 
     def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         x = args[0].detach()
@@ -55,30 +97,36 @@ class NeoModel(OutputLayerModel):
         dim = feature_dim(module) % x.dim()
         pooled = [d for d in range(1, x.dim()) if d != dim]
         features = x.mean(dim=pooled) if pooled else x
-        p = self.site_state(name)
+        stats = self.capsa.statistics[site_key(name)]
         if self.training:
             with torch.no_grad():
                 var, mean = torch.var_mean(features, dim=0, correction=0)
-                weight = torch.clamp(1.0 / (p["steps"] + 1.0), min=self.wrapper.momentum)
-                p["mean"].lerp_(mean, weight)
-                p["var"].lerp_(var, weight)
-                p["steps"].add_(1.0)
-        z = (features - p["mean"]) * torch.rsqrt(p["var"] + 1e-5)
-        code = torch.tanh(F.linear(z, p["encoder_weight"], p["encoder_bias"]))
-        reconstruction = F.linear(code, p["decoder_weight"], p["decoder_bias"])
-        self._state.extra["novelty"] = (z - reconstruction).square().mean(dim=-1)
+                weight = torch.clamp(1.0 / (self.capsa.autoencoder["steps"] + 1.0), min=self.wrapper.momentum)
+                stats["mean"].lerp_(mean, weight)
+                stats["var"].lerp_(var, weight)
+        self._state.extra[name] = (features - stats["mean"]) * torch.rsqrt(stats["var"] + 1e-4)
 
     def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
-        novelty = state.extra["novelty"]
+        ae = self.capsa.autoencoder
+        if self.training:
+            with torch.no_grad():
+                ae["steps"].add_(1.0)
+        z = torch.cat([state.extra[name] for name in self._sites], dim=-1)
+        code = torch.tanh(F.linear(z, ae["encoder_weight"], ae["encoder_bias"]))
+        novelty = (z - F.linear(code, ae["decoder_weight"], ae["decoder_bias"])).square().mean(dim=-1)
         risk = novelty.reshape(-1, *([1] * (out.dim() - 1))).expand(out.shape).contiguous()
         return out, risk
 
 
+def _width(module: nn.Module) -> int:
+    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.in_channels
+
+
 class Wrapper(_wrapper.Wrapper):
-    """Novelty risk: reconstruction error of the output layer's input features under a learned signature.
+    """Novelty risk: reconstruction error of the model's hidden representations under a learned signature.
 
     Args:
-        latent_dim: width of the autoencoder's bottleneck (default 8).
+        latent_dim: width of the autoencoder's bottleneck (default 16).
         momentum: weight of each training batch in the running feature statistics, after a cumulative warm-up
             (default 0.01).
         task: ``"regression"`` or ``"classification"``; the risk is the same per-sample novelty either way, and
@@ -88,6 +136,6 @@ class Wrapper(_wrapper.Wrapper):
     name = "neo"
     wrapped_class = NeoModel
 
-    latent_dim: int = Field(8, ge=1)
+    latent_dim: int = Field(16, ge=1)
     momentum: float = Field(0.01, gt=0.0, le=1.0)
     task: Task = "regression"

@@ -1,0 +1,692 @@
+"""Model bundles: a directory from which a wrapped model is rebuilt exactly, anywhere, without pickle.
+
+A bundle holds
+
+- ``model.safetensors``: the wrapped model's full state dict (user keys and ``capsa.`` keys);
+- ``capsa.json``: how to rebuild it (architecture ``"package.module:factory"``, its ``kwargs``, the wrapper
+  spec), the input/output signature (KServe V2 datatypes, ``-1`` for the batch dimension), the SHA-256 of the
+  weights, versions and free-form metadata;
+- optionally ``architecture.py``: the model code itself (then ``architecture`` is ``"architecture:factory"``).
+
+`load_bundle` does the "wrap first, then load" rule by machine: import the architecture, build it, wrap it with
+the recorded spec, load the weights strictly. It verifies the checksum before it parses the weights, reads each
+file once (through a handle on the directory, so a bundle swapped in place is read whole or not at all) and
+never unpickles anything. Every failure is a `BundleError` whose message starts with the bundle path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from capsa._wrapper import WrappedModel
+
+__all__ = [
+    "ARCHITECTURE_FILE",
+    "DATATYPES",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "BundleError",
+    "BundleManifest",
+    "TensorSpec",
+    "architecture_allowed",
+    "check_bundle",
+    "datatype_of",
+    "inspect_bundle",
+    "load_bundle",
+    "parse_manifest",
+    "read_manifest",
+    "save_bundle",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "capsa.json"
+WEIGHTS_FILE = "model.safetensors"
+ARCHITECTURE_FILE = "architecture.py"
+#: safetensors metadata entry holding the state dict's key order (JSON list).
+KEY_ORDER = "capsa_key_order"
+#: The module name bundle-local code has (for ``architecture`` strings and ``allowed_modules``).
+LOCAL_MODULE = "architecture"
+
+#: KServe V2 datatype names and the torch dtypes they map to (the server decodes requests with this).
+DATATYPES: dict[str, torch.dtype] = {
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT64": torch.int64,
+    "INT32": torch.int32,
+    "INT16": torch.int16,
+    "INT8": torch.int8,
+    "UINT8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_ARCH_RE = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT}(?:\.{_IDENT})*)$")
+_MODULE_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BundleError(ValueError):
+    """A bundle cannot be read, verified or rebuilt; the message starts with the bundle path and names the cause."""
+
+
+def datatype_of(dtype: torch.dtype) -> str:
+    """The V2 datatype name of a torch dtype (``torch.float32`` -> ``"FP32"``); `ValueError` if unsupported."""
+    try:
+        return _DATATYPE_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no V2 datatype (supported: {', '.join(DATATYPES)})") from None
+
+
+# ---------------------------------------------------------------------------------------------- the manifest
+class TensorSpec(BaseModel):
+    """One input or output of the signature: ``{"name", "datatype", "shape"}``, ``-1`` for variable dims."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str = Field(min_length=1)
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r} (known: {', '.join(DATATYPES)})")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 for d in value):
+            raise ValueError("dimensions are sizes >= 0 or -1 (variable)")
+        return value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of `datatype`."""
+        return DATATYPES[self.datatype]
+
+
+class BundleManifest(BaseModel):
+    """The validated content of ``capsa.json`` (exactly these keys, all required)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format_version: int
+    architecture: str
+    kwargs: dict[str, Any]
+    wrapper: dict[str, Any]
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    weights_sha256: str
+    torch_version: str
+    capsa_version: str
+    metadata: dict[str, Any]
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, value: str) -> str:
+        if not _ARCH_RE.match(value):
+            raise ValueError(f"{value!r} is not of the form 'package.module:factory'")
+        return value
+
+    @field_validator("wrapper")
+    @classmethod
+    def _wrapper(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("wrapper"), str):
+            raise ValueError('the wrapper spec needs a string "wrapper" (the wrapper name)')
+        return value
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if not _SHA_RE.match(value):
+            raise ValueError("expected 64 lowercase hex digits")
+        return value
+
+    @property
+    def module(self) -> str:
+        """The architecture's module (``"architecture"`` for bundle-local code)."""
+        return self.architecture.partition(":")[0]
+
+    @property
+    def factory(self) -> str:
+        """The architecture's attribute path inside its module."""
+        return self.architecture.partition(":")[2]
+
+    @property
+    def local_architecture(self) -> bool:
+        """Whether the code travels inside the bundle as ``architecture.py``."""
+        return self.module == LOCAL_MODULE
+
+    def files(self) -> list[str]:
+        """The bundle's files, ``capsa.json`` last (the order a publisher writes them in)."""
+        return [WEIGHTS_FILE, *([ARCHITECTURE_FILE] if self.local_architecture else []), MANIFEST_FILE]
+
+
+def parse_manifest(data: str | bytes, *, source: str) -> BundleManifest:
+    """Parse and validate ``capsa.json`` content; `BundleError` messages start with ``source``."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{source}: {MANIFEST_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{source}: {MANIFEST_FILE} must hold a JSON object, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        what = "has no format_version" if "format_version" not in raw else f"has format_version {version!r}"
+        raise BundleError(f"{source}: {MANIFEST_FILE} {what}; this capsa reads format version {FORMAT_VERSION} only")
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{source}: {MANIFEST_FILE}: {_format_validation_error(exc)}") from None
+
+
+def read_manifest(path: str | os.PathLike[str]) -> BundleManifest:
+    """Read and validate ``PATH/capsa.json`` (no weights, no code)."""
+    with _BundleDir(path) as bundle:
+        return parse_manifest(bundle.read(MANIFEST_FILE), source=bundle.source)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "missing key"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- allowed modules
+def _normalise_allowed(allowed_modules: Iterable[str] | str | None) -> list[str] | None:
+    if allowed_modules is None:
+        return None
+    prefixes = [allowed_modules] if isinstance(allowed_modules, str) else list(allowed_modules)
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not _MODULE_RE.match(prefix):
+            raise ValueError(f"allowed_modules: {prefix!r} is not a dotted module name")
+    return prefixes
+
+
+def architecture_allowed(module: str, allowed_modules: Iterable[str] | str | None) -> bool:
+    """Whether ``module`` lies under one of the dotted prefixes (``"acme.models"`` allows ``acme.models.x``,
+    not ``acme.modelsx``); ``None`` allows everything. Bundle-local code is the module ``"architecture"``."""
+    prefixes = _normalise_allowed(allowed_modules)
+    if prefixes is None:
+        return True
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+class _BundleDir:
+    """Reads a bundle's files through one handle on the directory.
+
+    Files opened relative to the directory handle all come from the same directory even if the path is renamed
+    to a newer version meanwhile (as a registry's ``--force`` publish does), so a reader never mixes two bundles.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.source = str(path)
+        self._fd: int | None = None
+        if not self.path.exists():
+            raise BundleError(f"{self.source}: bundle directory does not exist")
+        if not self.path.is_dir():
+            raise BundleError(f"{self.source}: not a directory (a bundle is a directory)")
+        if os.open in os.supports_dir_fd:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError as exc:
+                raise BundleError(f"{self.source}: cannot open bundle directory: {exc.strerror}") from None
+
+    def __enter__(self) -> _BundleDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, name: str, *, required: bool = True) -> bytes:
+        """The whole file; `BundleError` if missing (when required) or unreadable; ``b""`` if optional and absent."""
+        try:
+            if self._fd is not None:
+                fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
+                with open(fd, "rb") as f:
+                    return f.read()
+            return (self.path / name).read_bytes()
+        except FileNotFoundError:
+            if not required:
+                return b""
+            raise BundleError(f"{self.source}: missing {name}") from None
+        except OSError as exc:
+            raise BundleError(f"{self.source}: cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _check_weights(source: str, manifest: BundleManifest, weights: bytes) -> None:
+    actual = hashlib.sha256(weights).hexdigest()
+    if actual != manifest.weights_sha256:
+        raise BundleError(
+            f"{source}: checksum mismatch: {WEIGHTS_FILE} has SHA-256 {actual}, {MANIFEST_FILE} records "
+            f"{manifest.weights_sha256} (the weights were changed or truncated)"
+        )
+
+
+def check_bundle(path: str | os.PathLike[str]) -> BundleManifest:
+    """Validate a bundle without importing or running anything: manifest, files present, weights checksum."""
+    with _BundleDir(path) as bundle:
+        manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=bundle.source)
+        _check_weights(bundle.source, manifest, bundle.read(WEIGHTS_FILE))
+        if manifest.local_architecture:
+            bundle.read(ARCHITECTURE_FILE)
+        return manifest
+
+
+def _safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes), parsed without torch."""
+    if len(data) < 8:
+        raise ValueError("file shorter than its 8-byte header length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError("header length exceeds file size")
+    header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
+
+
+def _in_saved_order(state: dict[str, Tensor], header: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The loaded tensors in the state dict's original key order (as recorded at save time), when known."""
+    metadata = header.get("__metadata__") or {}
+    try:
+        order = json.loads(metadata.get(KEY_ORDER, "null"))
+    except (TypeError, ValueError):
+        return state
+    if not isinstance(order, list) or sorted(order) != sorted(state):
+        return state
+    return {key: state[key] for key in order}
+
+
+def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``capsa inspect`` shows, without importing or running the bundle's code.
+
+    Returns the manifest fields plus ``checksum`` (``"ok"``, ``"mismatch"`` or ``"missing"``),
+    ``checksum_detail``, ``architecture_file`` (whether ``architecture.py`` is present) and ``parameters`` /
+    ``tensors`` (``{"user": n, "capsa": n}`` element and tensor counts from the weights file, buffers such as
+    BatchNorm statistics included; ``None`` when the weights file is missing or unreadable).
+    Raises `BundleError` only when ``capsa.json`` itself is missing or invalid.
+    """
+    with _BundleDir(path) as bundle:
+        manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=bundle.source)
+        info: dict[str, Any] = {"path": bundle.source, **manifest.model_dump(mode="json")}
+        info["architecture_file"] = bool(bundle.read(ARCHITECTURE_FILE, required=False))
+        info["parameters"] = info["tensors"] = None
+        try:
+            weights = bundle.read(WEIGHTS_FILE)
+        except BundleError as exc:
+            info["checksum"], info["checksum_detail"] = "missing", str(exc)
+            return info
+    actual = hashlib.sha256(weights).hexdigest()
+    if actual == manifest.weights_sha256:
+        info["checksum"], info["checksum_detail"] = "ok", f"sha256 {actual}"
+    else:
+        info["checksum"] = "mismatch"
+        info["checksum_detail"] = (
+            f"{WEIGHTS_FILE} has sha256 {actual}, {MANIFEST_FILE} records {manifest.weights_sha256}"
+        )
+    try:
+        header = _safetensors_header(weights)
+        counts = {"user": 0, "capsa": 0}
+        tensors = {"user": 0, "capsa": 0}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            part = "capsa" if key.startswith("capsa.") else "user"
+            counts[part] += math.prod(entry["shape"])
+            tensors[part] += 1
+        info["parameters"], info["tensors"] = counts, tensors
+    except (ValueError, KeyError, TypeError) as exc:
+        info["checksum_detail"] += f"; cannot read the safetensors header: {exc}"
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- architecture code
+def _local_module_name(code: bytes) -> str:
+    """A module name unique to this code, so that bundles with different ``architecture.py`` never clash."""
+    return f"capsa_bundle_{hashlib.sha256(code).hexdigest()[:20]}_architecture"
+
+
+def _exec_local_architecture(code: bytes, file: Path) -> Any:
+    """Execute bundle-local code (the bytes already read) as its own module, registered under a unique name."""
+    name = _local_module_name(code)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None:
+        raise ImportError(f"cannot make a module spec for {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        exec(compile(code, str(file), "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _resolve_factory(module: Any, attribute: str) -> Callable[..., Any]:
+    obj = module
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{attribute!r} is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def _state_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _compare_keys(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]]) -> str:
+    """Human text naming missing, extra and mis-shaped keys ('' when they agree)."""
+
+    def some(keys: Sequence[str]) -> str:
+        shown = ", ".join(repr(k) for k in keys[:8])
+        return shown + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    shaped = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys {some(missing)}")
+    if extra:
+        problems.append(f"unexpected keys {some(extra)}")
+    if shaped:
+        shown = ", ".join(f"{k!r} is {list(actual[k])}, the model has {list(expected[k])}" for k in shaped[:8])
+        problems.append(f"mis-shaped keys: {shown}" + (f" and {len(shaped) - 8} more" if len(shaped) > 8 else ""))
+    return "; ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def _tensors_for_saving(wrapped: nn.Module) -> dict[str, Tensor]:
+    """The state dict as CPU tensors safetensors accepts: contiguous, and no two sharing storage."""
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in wrapped.state_dict().items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        tensor = value.detach().to("cpu")
+        if tensor.is_meta:
+            raise ValueError(f"state_dict entry {key!r} is a meta tensor (not materialised)")
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer and pointer in seen:
+            tensor = tensor.clone()
+        elif pointer:
+            seen.add(pointer)
+        tensors[key] = tensor.contiguous()
+    return tensors
+
+
+def _signature(name: str, tensor: Any) -> dict[str, Any]:
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.dim() == 0:
+        raise ValueError(f"{name}: a 0-d tensor has no batch dimension")
+    return {"name": name, "datatype": datatype_of(tensor.dtype), "shape": [-1, *tensor.shape[1:]]}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_object(what: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A JSON round trip of ``value``: what the loading side will see (tuples become lists)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def save_bundle(
+    wrapped: WrappedModel,
+    path: str | os.PathLike[str],
+    *,
+    architecture: str,
+    kwargs: Mapping[str, Any] | None = None,
+    example_input: Tensor,
+    metadata: Mapping[str, Any] | None = None,
+    architecture_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``wrapped`` as a bundle directory at ``path`` (created if needed) and return the path.
+
+    ``architecture`` is ``"package.module:factory"`` such that ``factory(**kwargs)`` builds the user's model
+    (before wrapping); with ``architecture_file`` that file is copied in as ``architecture.py`` and
+    ``architecture`` is ``"architecture:factory"`` (or just ``"factory"``). ``example_input`` (batch first) runs
+    through the model in eval mode without gradients, creating capsa's lazy parameters and recording the
+    signature. Refuses (`ValueError`) a model that is not wrapped, an architecture that cannot be imported, or
+    one whose ``factory(**kwargs)`` builds a model with other state-dict keys or shapes.
+    """
+    import capsa  # the package imports this module
+
+    if not capsa.is_wrapped(wrapped):
+        raise ValueError(
+            f"save_bundle: expected a capsa-wrapped model (e.g. capsa.vote.Wrapper()(model)), "
+            f"got {type(wrapped).__name__}"
+        )
+    if not isinstance(example_input, Tensor):
+        raise ValueError(f"save_bundle: example_input must be a tensor, got {type(example_input).__name__}")
+    if architecture_file is not None and ":" not in architecture:
+        architecture = f"{LOCAL_MODULE}:{architecture}"
+    match = _ARCH_RE.match(architecture) if isinstance(architecture, str) else None
+    if not match:
+        raise ValueError(f"save_bundle: architecture {architecture!r} is not of the form 'package.module:factory'")
+    module_name, attribute = match.groups()
+    kwargs = _json_object("save_bundle: kwargs", kwargs)
+    metadata = _json_object("save_bundle: metadata", metadata)
+
+    code = b""
+    if architecture_file is not None:
+        if module_name != LOCAL_MODULE:
+            raise ValueError(
+                f"save_bundle: with architecture_file the architecture must be '{LOCAL_MODULE}:factory', "
+                f"got {architecture!r}"
+            )
+        try:
+            code = Path(architecture_file).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"save_bundle: cannot read architecture_file {architecture_file}: {exc}") from None
+    elif module_name == LOCAL_MODULE:
+        raise ValueError(f"save_bundle: architecture {architecture!r} names bundle-local code; pass architecture_file")
+    try:
+        if code:
+            module = _exec_local_architecture(code, Path(architecture_file).resolve())  # type: ignore[arg-type]
+        else:
+            module = importlib.import_module(module_name)
+        factory = _resolve_factory(module, attribute)
+    except Exception as exc:
+        raise ValueError(
+            f"save_bundle: cannot import architecture {architecture!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    # Record the signature; the first call also creates capsa's lazy parameters.
+    first = next(itertools.chain(wrapped.parameters(), wrapped.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    was_training = wrapped.training
+    wrapped.eval()
+    try:
+        with torch.no_grad():
+            result = wrapped(example_input.to(device), return_risk=True)
+    finally:
+        wrapped.train(was_training)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ValueError("save_bundle: wrapped(x, return_risk=True) did not return (prediction, risk)")
+    inputs = [_signature("input", example_input)]
+    outputs = [_signature("prediction", result[0]), _signature("risk", result[1])]
+
+    tensors = _tensors_for_saving(wrapped)
+    user_shapes = _state_shapes({k: v for k, v in tensors.items() if not k.startswith("capsa.")})
+    try:
+        built = factory(**kwargs)
+    except Exception as exc:
+        raise ValueError(f"save_bundle: {architecture}(**{kwargs}) failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(built, nn.Module):
+        raise ValueError(f"save_bundle: {architecture}(**kwargs) returned {type(built).__name__}, not an nn.Module")
+    differs = _compare_keys(_state_shapes(built.state_dict()), user_shapes)
+    if differs:
+        raise ValueError(
+            f"save_bundle: {architecture}(**{kwargs}) builds a model whose state dict differs from the wrapped "
+            f"model's: {differs} (keys as the checkpoint names them)"
+        )
+
+    from safetensors.torch import save as safetensors_save
+
+    # safetensors stores tensors in its own order; the key order of the state dict travels in the metadata.
+    weights = safetensors_save(tensors, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))})
+    manifest = BundleManifest(
+        format_version=FORMAT_VERSION,
+        architecture=architecture,
+        kwargs=kwargs,
+        wrapper=wrapped.wrapper.to_spec(),
+        inputs=[TensorSpec(**s) for s in inputs],
+        outputs=[TensorSpec(**s) for s in outputs],
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        torch_version=str(torch.__version__),
+        capsa_version=str(capsa.__version__),
+        metadata=metadata,
+    )
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # capsa.json goes first and comes back last: a half-written bundle has no manifest and reads as absent.
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST_FILE).unlink()
+    _write_atomic(out / WEIGHTS_FILE, weights)
+    if code:
+        _write_atomic(out / ARCHITECTURE_FILE, code)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (out / ARCHITECTURE_FILE).unlink()
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, allow_nan=False) + "\n"
+    _write_atomic(out / MANIFEST_FILE, text.encode())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_bundle(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    allowed_modules: Iterable[str] | None = None,
+) -> WrappedModel:
+    """Rebuild the wrapped model of a bundle: on ``device``, in eval mode, ready to call.
+
+    Order of work, each step failing with a `BundleError` naming the path and the cause: read and validate
+    ``capsa.json``; refuse an architecture outside ``allowed_modules`` (dotted prefixes; bundle-local code is
+    the module ``"architecture"``) before anything of it is imported; verify the SHA-256 of the weights before
+    parsing them; rebuild the wrapper from its spec; import the architecture and build it with ``kwargs``; wrap;
+    load the weights strictly; move to ``device``.
+    """
+    from safetensors.torch import load as safetensors_load
+
+    import capsa  # the package imports this module
+
+    source = str(path)
+    try:
+        allowed = _normalise_allowed(allowed_modules)
+    except ValueError as exc:
+        raise BundleError(f"{source}: {exc}") from None
+    with _BundleDir(path) as bundle:
+        manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=source)
+        if not architecture_allowed(manifest.module, allowed):
+            raise BundleError(
+                f"{source}: architecture {manifest.architecture!r} is not allowed: module {manifest.module!r} is "
+                f"outside allowed_modules {allowed} (nothing of it was imported)"
+            )
+        weights = bundle.read(WEIGHTS_FILE)
+        code = bundle.read(ARCHITECTURE_FILE) if manifest.local_architecture else b""
+    _check_weights(source, manifest, weights)
+    try:
+        state = _in_saved_order(safetensors_load(weights), _safetensors_header(weights))
+    except Exception as exc:
+        raise BundleError(f"{source}: {WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+    del weights
+
+    try:
+        wrapper = capsa.from_spec(manifest.wrapper)
+    except Exception as exc:
+        raise BundleError(f"{source}: wrapper spec {manifest.wrapper} is not usable: {exc}") from None
+
+    try:
+        if manifest.local_architecture:
+            module = _exec_local_architecture(code, Path(path).resolve() / ARCHITECTURE_FILE)
+        else:
+            module = importlib.import_module(manifest.module)
+        factory = _resolve_factory(module, manifest.factory)
+    except Exception as exc:
+        raise BundleError(
+            f"{source}: architecture {manifest.architecture!r} is not importable: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        model = factory(**manifest.kwargs)
+    except Exception as exc:
+        raise BundleError(
+            f"{source}: building {manifest.architecture}(**{manifest.kwargs}) failed: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise BundleError(
+            f"{source}: {manifest.architecture}(**kwargs) returned {type(model).__name__}, not an nn.Module"
+        )
+
+    user_state = {k: v for k, v in state.items() if not k.startswith("capsa.")}
+    differs = _compare_keys(_state_shapes(model.state_dict()), _state_shapes(user_state))
+    if differs:
+        raise BundleError(f"{source}: {WEIGHTS_FILE} does not fit {manifest.architecture}: {differs}")
+    try:
+        wrapped = wrapper(model)
+    except Exception as exc:
+        raise BundleError(f"{source}: wrapping with {manifest.wrapper} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        wrapped.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise BundleError(f"{source}: {WEIGHTS_FILE} does not fit the wrapped model: {exc}") from None
+    try:
+        wrapped.to(device)
+    except Exception as exc:
+        raise BundleError(f"{source}: cannot move the model to {device!r}: {type(exc).__name__}: {exc}") from None
+    return wrapped.eval()
