@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -40,8 +39,9 @@ class Bernoulli(BaseModel):
         keep = torch.rand(shape, generator=generator) >= self.p
         return keep.float() / (1.0 - self.p)
 
-    def apply_(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
-        return out * (torch.rand(shape, device=out.device) >= self.p).to(out.dtype) / (1.0 - self.p)
+    def sample(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Fresh noise of `shape` on `like`'s device and dtype (training)."""
+        return (torch.rand(shape, device=like.device) >= self.p).to(like.dtype) / (1.0 - self.p)
 
 
 class Gaussian(BaseModel):
@@ -57,8 +57,9 @@ class Gaussian(BaseModel):
     def noise(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None) -> Tensor:
         return 1.0 + self.sigma * torch.randn(shape, generator=generator)
 
-    def apply_(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
-        return out * (1.0 + self.sigma * torch.randn(shape, device=out.device, dtype=out.dtype))
+    def sample(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Fresh noise of `shape` on `like`'s device and dtype (training)."""
+        return 1.0 + self.sigma * torch.randn(shape, device=like.device, dtype=like.dtype)
 
 
 Distribution = Annotated[Bernoulli | Gaussian, Field(discriminator="name")]
@@ -112,7 +113,7 @@ class SampleModel(WrappedModel):
         passes = self.wrapper.n_samples if (state.return_risk or not self.training) else 1
         if name == self._first_site:
             self._require_batch_first(name, output, batch)
-            output = output.unsqueeze(0).expand(passes, *output.shape)
+            output = output.unsqueeze(0)  # the noise below broadcasts it to every pass, no copy before that
         elif output.dim() == 0 or output.shape[0] != passes * batch:
             raise ValueError(
                 f"capsa.sample: layer {name!r} sees leading dim {output.shape[0] if output.dim() else None}, "
@@ -121,17 +122,16 @@ class SampleModel(WrappedModel):
         else:
             output = output.reshape(passes, batch, *output.shape[1:])
         dim = feature_dim(module) % (output.dim() - 1) + 1  # feature dim in [passes, batch, ...]
+        shape = [passes, batch] + [1] * (output.dim() - 2)
+        shape[dim] = output.shape[dim]
         if self.training:
-            shape = [passes, batch] + [1] * (output.dim() - 2)
-            shape[dim] = output.shape[dim]
-            if isinstance(self.wrapper.distribution, Bernoulli):
-                output = output * F.dropout(output.new_ones(shape), self.wrapper.distribution.p, training=True)
-            else:
-                output = self.wrapper.distribution.apply_(output, tuple(shape))
+            noise = self.wrapper.distribution.sample(tuple(shape), output)
         else:
-            shape = [passes] + [1] * (output.dim() - 1)
-            shape[dim] = output.shape[dim]
-            output = output * getattr(self.capsa, site_key(name)).view(shape)
+            shape[1] = 1
+            noise = getattr(self.capsa, site_key(name)).view(shape)
+        # In place only on this layer's own fresh output when no backward pass can need it.
+        in_place = output.shape[0] == passes and not torch.is_grad_enabled()
+        output = output.mul_(noise) if in_place else output * noise
         return output.reshape(passes * batch, *output.shape[2:])
 
     def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:

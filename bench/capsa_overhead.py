@@ -1,0 +1,88 @@
+"""Cost of risk: wrapped-with-risk forward time / plain forward time, per wrapper, measured in one run.
+
+    python bench/capsa_overhead.py [--device cpu|cuda] [--threads N]
+
+Batch 64, eval mode, under `torch.inference_mode()`. Models: an MLP 64-256-256-1 and a small CNN (two conv-BN-ReLU
+blocks and a Linear head on 3x32x32 images). For scale it also times the two ways of running 8 full copies of the
+model: a Python loop and `torch.func.vmap` over stacked copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from capsa import neo, sample, sculpt, vote
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def seconds(fn, x: torch.Tensor, device: str) -> float:  # noqa: ANN001
+    def run() -> None:
+        fn(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        for _ in range(20):
+            run()
+        return Timer("run()", globals={"run": run}).blocked_autorange(min_run_time=1.0).median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch=64")
+    wrappers = {
+        "sculpt": lambda: sculpt.Wrapper(),
+        "vote (8 voters)": lambda: vote.Wrapper(n_voters=8),
+        "sample (8 passes)": lambda: sample.Wrapper(n_samples=8),
+        "neo": lambda: neo.Wrapper(),
+    }
+    for name, factory, shape in [("MLP 64-256-256-1", mlp, (64,)), ("small CNN", cnn, (3, 32, 32))]:
+        torch.manual_seed(0)
+        model = factory().to(device).eval()
+        x = torch.randn(64, *shape, device=device)
+        base = seconds(model, x, device)
+        print(f"\n{name}: plain forward {base * 1e6:.0f} us")
+        for label, make in wrappers.items():
+            wrapped = make()(copy.deepcopy(model)).to(device).eval()
+            with torch.inference_mode():
+                wrapped(x)
+            t = seconds(lambda v, w=wrapped: w(v, return_risk=True), x, device)
+            print(f"  {label:<20} {t / base:5.2f}x  ({t * 1e6:.0f} us)")
+        copies = [copy.deepcopy(model) for _ in range(8)]
+        loop = seconds(lambda v: torch.stack([c(v) for c in copies]).std(0), x, device)
+        params, buffers = torch.func.stack_module_state(copies)
+        shell = copy.deepcopy(model).to("meta")
+
+        def vmapped(v: torch.Tensor) -> torch.Tensor:
+            def one(p, b):  # noqa: ANN001, ANN202
+                return torch.func.functional_call(shell, (p, b), (v,))
+            return torch.func.vmap(one)(params, buffers).std(0)
+
+        full = seconds(vmapped, x, device)
+        print(f"  {'8 copies, loop':<20} {loop / base:5.2f}x   {'8 copies, vmap':<16} {full / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
