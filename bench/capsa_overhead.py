@@ -3,7 +3,7 @@
     python bench/capsa_overhead.py [--device cpu|cuda] [--threads N]
 
 Batch 64, eval mode, under `torch.inference_mode()`. Models: an MLP 64-256-256-1 and a small CNN (two conv-BN-ReLU
-blocks and a Linear head on 3x32x32 images). For scale it also times the two ways of running 8 full copies of the
+blocks and a Linear head on 1x28x28 images). For scale it also times the two ways of running 8 full copies of the
 model: a Python loop and `torch.func.vmap` over stacked copies.
 """
 
@@ -25,9 +25,9 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(16, 10),
     )
 
 
@@ -56,9 +56,10 @@ def main() -> None:
         "sculpt": lambda: sculpt.Wrapper(),
         "vote (8 voters)": lambda: vote.Wrapper(n_voters=8),
         "sample (8 passes)": lambda: sample.Wrapper(n_samples=8),
+        "sample, last layer": lambda: sample.Wrapper(n_samples=8, noise_layers=1),
         "neo": lambda: neo.Wrapper(),
     }
-    for name, factory, shape in [("MLP 64-256-256-1", mlp, (64,)), ("small CNN", cnn, (3, 32, 32))]:
+    for name, factory, shape in [("MLP 64-256-256-1", mlp, (64,)), ("small CNN", cnn, (1, 28, 28))]:
         torch.manual_seed(0)
         model = factory().to(device).eval()
         x = torch.randn(64, *shape, device=device)

@@ -12,6 +12,7 @@ checkpoint can also create them before any call, from the shapes it holds.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 __all__ = ["LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
 
 _REGISTRY: dict[str, type[Wrapper]] = {}
+#: User models that carry a wrapper's hooks: wrapping one again would run both wrappers' hooks.
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 #: Layer types a wrapper may attach to: they carry the learned features and have a clear feature dimension.
 SITE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -122,6 +125,12 @@ class WrappedModel(nn.Module):
             raise TypeError(f"capsa.{wrapper.name}: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, WrappedModel):
             raise TypeError(f"capsa.{wrapper.name}: model is already wrapped by capsa.{model.wrapper.name}")
+        if model in _WRAPPED or _carries_capsa_hooks(model):
+            raise TypeError(
+                f"capsa.{wrapper.name}: this {type(model).__name__} instance is already wrapped by "
+                f"capsa.{_WRAPPED.get(model, 'a wrapper')} (or is a copy of one that is); wrap a fresh instance"
+            )
+        _WRAPPED[model] = wrapper.name
         super().__init__()
         self.model = model
         self.capsa = nn.Module()
@@ -154,7 +163,8 @@ class WrappedModel(nn.Module):
         with _fastpath_disabled(self._has_attention):
             if self._sites is None:
                 self._build(x, args, kwargs)
-            state = self._state = _CallState(batch=x.shape[0], return_risk=return_risk)
+            # Plain attribute writes: nn.Module.__setattr__ costs microseconds on every call.
+            state = self.__dict__["_state"] = _CallState(batch=x.shape[0], return_risk=return_risk)
             out = self.model(x, *args, **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(
@@ -168,7 +178,7 @@ class WrappedModel(nn.Module):
                         "forward (expected once, as when the wrapper was built); the model's call graph changed"
                     )
             prediction, risk = self._finish(out, state)
-        self._state = _CallState()
+        self.__dict__["_state"] = _CallState()
         return (prediction, risk) if return_risk else prediction
 
     # ----------------------------------------------------------------- wrapper-specific parts
@@ -330,6 +340,14 @@ def _user_keys_unprefixed(module: nn.Module, state_dict: dict[str, Any], prefix:
     if metadata is not None:
         for key in [k for k in metadata if k == prefix + "model" or k.startswith(inner)]:
             metadata[prefix + key[len(inner) :] if key.startswith(inner) else prefix.rstrip(".")] = metadata.pop(key)
+
+
+def _carries_capsa_hooks(model: nn.Module) -> bool:
+    for module in model.modules():
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, functools.partial) and isinstance(getattr(hook.func, "__self__", None), WrappedModel):
+                return True
+    return False
 
 
 class _fastpath_disabled:

@@ -86,7 +86,7 @@ class SampleModel(WrappedModel):
                 f"capsa.sample: {type(self.model).__name__} has no hidden Linear/ConvNd layer before its output layer "
                 f"{output.name!r} to add noise after"
             )
-        return hidden
+        return hidden if self.wrapper.noise_layers is None else hidden[-self.wrapper.noise_layers :]
 
     def _create_state(self, calls: dict[str, LayerCall]) -> None:
         for index, name in enumerate(self._select_sites(list(calls.values()))):
@@ -148,6 +148,8 @@ class Wrapper(_wrapper.Wrapper):
     Args:
         n_samples: passes per prediction, at least 2 (default 8).
         distribution: the noise: `Bernoulli(p)` (dropout, default p=0.1) or `Gaussian(sigma)`.
+        noise_layers: how many hidden layers, counted back from the output layer, get noise (default None: all).
+            Fewer noise layers mean a longer deterministic prefix that runs once instead of `n_samples` times.
         seed: seed of the fixed noise masks used in eval mode (default 0).
         task: ``"regression"`` or ``"classification"`` (logits in, risk = spread of class probabilities).
         class_dim: dimension of the classes in the model's output, for classification (default -1).
@@ -158,6 +160,7 @@ class Wrapper(_wrapper.Wrapper):
 
     n_samples: int = Field(8, ge=2)
     distribution: Distribution = Field(default_factory=Bernoulli)
+    noise_layers: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     task: Task = "regression"
     class_dim: int = -1

@@ -318,3 +318,14 @@ def test_sculpt_trains_with_gaussian_nll() -> None:
         optimizer.step()
     _, risk = wrapped.eval()(x, return_risk=True)
     assert 0.4 < risk.mean().item() < 0.6  # the true noise scale is 0.5
+
+
+def test_wrapping_the_same_instance_again_is_refused() -> None:
+    model = archs.mlp()
+    wrapped = vote.Wrapper()(model)
+    with pytest.raises(TypeError, match=r"already wrapped by capsa\.vote"):
+        sculpt.Wrapper()(model)
+    _ = wrapped(torch.randn(2, 8))
+    with pytest.raises(TypeError, match="already wrapped"):
+        sculpt.Wrapper()(copy.deepcopy(model))  # the copy carries vote's layer hooks
+    sculpt.Wrapper()(archs.mlp())
