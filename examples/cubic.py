@@ -86,7 +86,8 @@ def main() -> None:
         ax.scatter(x_train.squeeze(), y_train.squeeze(), s=2, color="0.6")
         ax.plot(x, (x**3) / 10, "k--", lw=1, label="truth")
         ax.plot(x, p, color="C0", label="prediction")
-        ax.fill_between(x, p - 2 * r, p + 2 * r, color="C0", alpha=0.25, label="prediction ± 2 risk")
+        if kind != "neo":  # neo's risk is a novelty score, not in the target's units
+            ax.fill_between(x, p - 2 * r, p + 2 * r, color="C0", alpha=0.25, label="prediction ± 2 risk")
         twin = ax.twinx()
         twin.plot(x, r, color="C3", lw=1)
         twin.set_ylabel("risk", color="C3")
