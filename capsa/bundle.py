@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -463,7 +464,7 @@ def _signature(name: str, tensor: Any) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -534,8 +535,8 @@ def save_bundle(
     elif module_name == LOCAL_MODULE:
         raise ValueError(f"save_bundle: architecture {architecture!r} names bundle-local code; pass architecture_file")
     try:
-        if code:
-            module = _exec_local_architecture(code, Path(architecture_file).resolve())  # type: ignore[arg-type]
+        if architecture_file is not None:
+            module = _exec_local_architecture(code, Path(architecture_file).resolve())
         else:
             module = importlib.import_module(module_name)
         factory = _resolve_factory(module, attribute)
@@ -547,13 +548,14 @@ def save_bundle(
     # Record the signature; the first call also creates capsa's lazy parameters.
     first = next(itertools.chain(wrapped.parameters(), wrapped.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
-    was_training = wrapped.training
+    modes = {module: module.training for module in wrapped.modules()}
     wrapped.eval()
     try:
         with torch.no_grad():
             result = wrapped(example_input.to(device), return_risk=True)
-    finally:
-        wrapped.train(was_training)
+    finally:  # restore each module's mode; modules the call created take the wrapped model's
+        for module in wrapped.modules():
+            module.training = modes.get(module, modes[wrapped])
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ValueError("save_bundle: wrapped(x, return_risk=True) did not return (prediction, risk)")
     inputs = [_signature("input", example_input)]
@@ -597,7 +599,7 @@ def save_bundle(
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST_FILE).unlink()
     _write_atomic(out / WEIGHTS_FILE, weights)
-    if code:
+    if architecture_file is not None:
         _write_atomic(out / ARCHITECTURE_FILE, code)
     else:
         with contextlib.suppress(FileNotFoundError):

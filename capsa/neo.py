@@ -88,8 +88,11 @@ class NeoModel(WrappedModel):
     def _check_state(self, calls: dict[str, LayerCall]) -> None:
         sites = self._select_sites(list(calls.values()))
         loaded = [site_name(k) for k in self.capsa.statistics]
-        if loaded != sites:
+        if sorted(loaded) != sorted(sites):
             raise RuntimeError(f"capsa.neo: the checkpoint describes layers {loaded}, the model calls {sites}")
+        # A checkpoint may list its keys in any order; the signature concatenates layers in call order.
+        stats = self.capsa.statistics
+        self.capsa.statistics = nn.ModuleDict({site_key(n): stats[site_key(n)] for n in sites})
 
     def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         x = args[0].detach()

@@ -323,8 +323,9 @@ def test_save_creates_lazy_state_without_changing_the_model(tmp_path: Path) -> N
     assert list(wrapped.capsa_parameters()) == []
     running_mean = model.stem[1].running_mean.clone()
     wrapped.train()
+    model.block.bn1.eval()  # a user's frozen BatchNorm stays frozen
     save_bundle(wrapped, tmp_path / "b", architecture=f"{ARCHS}:cnn", example_input=torch.randn(2, 3, 8, 8))
-    assert wrapped.training  # mode restored
+    assert wrapped.training and model.stem[1].training and not model.block.bn1.training  # modes restored
     assert list(wrapped.capsa_parameters())
     assert torch.equal(model.stem[1].running_mean, running_mean)  # the example ran in eval mode
 

@@ -329,3 +329,14 @@ def test_wrapping_the_same_instance_again_is_refused() -> None:
     with pytest.raises(TypeError, match="already wrapped"):
         sculpt.Wrapper()(copy.deepcopy(model))  # the copy carries vote's layer hooks
     sculpt.Wrapper()(archs.mlp())
+
+
+def test_checkpoint_key_order_does_not_matter(kind: str) -> None:
+    model, x = build("transformer")
+    wrapped = WRAPPERS[kind]()(model).eval()
+    expected = wrapped(x, return_risk=True)
+    shuffled = dict(reversed(list(wrapped.state_dict().items())))
+    restored = WRAPPERS[kind]()(build("transformer")[0])
+    restored.load_state_dict(shuffled)
+    for a, b in zip(expected, restored.eval()(x, return_risk=True), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

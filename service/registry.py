@@ -1,0 +1,478 @@
+"""The model registry: named, versioned bundles plus per-model serving settings, on disk or in an object store.
+
+Layout (as in Triton's model repositories)::
+
+    ROOT/<model>/config.json        optional ModelConfig (see service.model_config)
+    ROOT/<model>/<version>/         a capsa bundle; versions are positive integers
+
+ROOT is a local directory or any fsspec URL (``s3://bucket/prefix``; S3 endpoints and credentials come from
+``storage_options`` or the usual AWS environment variables such as ``AWS_ENDPOINT_URL``). A version exists only
+once its ``capsa.json`` does: `publish` writes it last (S3) or renames a complete directory into place (local),
+so readers never see a half-written version. A bad bundle or config makes only that model/version unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from capsa.bundle import (
+    ARCHITECTURE_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    BundleManifest,
+    architecture_allowed,
+    check_bundle,
+    parse_manifest,
+)
+from service.model_config import ConfigError, ModelConfig
+
+__all__ = ["AVAILABLE", "UNAVAILABLE", "Registry", "RegistryError", "VersionState", "publish"]
+
+AVAILABLE = "AVAILABLE"
+UNAVAILABLE = "UNAVAILABLE"
+CONFIG_FILE = "config.json"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+_FETCH_ATTEMPTS = 3
+
+
+class RegistryError(ValueError):
+    """A registry operation failed: bad name or version, missing version, unreadable store, refused publish."""
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One entry of `Registry.index`. ``version`` 0 stands for the model as a whole (no usable version)."""
+
+    name: str
+    version: int
+    state: str  # AVAILABLE | UNAVAILABLE
+    reason: str = ""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name (``^[A-Za-z0-9][A-Za-z0-9_.-]*$``), else `RegistryError`."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_version(version: int) -> int:
+    """Return ``version`` if it is a positive integer, else `RegistryError`."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RegistryError(f"invalid version {version!r}: versions are positive integers")
+    return version
+
+
+def _open_fs(root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> tuple[Any, str, bool]:
+    """(filesystem, base path without trailing slash, is_local) for a registry root."""
+    fs, base = url_to_fs(os.fspath(root), **dict(storage_options or {}))
+    local = isinstance(fs, LocalFileSystem)
+    base = base.rstrip("/") or base
+    return fs, base, local
+
+
+def _default_cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "capsa-registry-cache"
+
+
+class Registry:
+    """Read access to a registry at ``root`` (a local directory or an fsspec URL).
+
+    Listings are read fresh on every call (no fsspec listing cache), so a polling server sees new versions.
+    Bundles in a remote store are downloaded by `fetch` into ``cache_dir`` (default: a folder in the system
+    temp directory), keyed by the content of their ``capsa.json`` and ``architecture.py``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        cache_dir: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = os.fspath(root)
+        try:
+            self._fs, self._base, self._local = _open_fs(self.root, storage_options)
+        except (ValueError, ImportError) as exc:
+            raise RegistryError(f"{self.root}: cannot open registry: {exc}") from None
+        if self._local and not os.path.isdir(self._base):
+            raise RegistryError(f"{self.root}: registry root is not a directory")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.root!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the registry is a local directory (fetch returns the version directory itself)."""
+        return self._local
+
+    # ------------------------------------------------------------------ paths
+    def _url(self, *parts: str | int) -> str:
+        """User-facing location for messages."""
+        return "/".join([self.root.rstrip("/"), *map(str, parts)])
+
+    def _path(self, *parts: str | int) -> str:
+        return "/".join([self._base, *map(str, parts)])
+
+    def _fresh(self) -> None:
+        self._fs.invalidate_cache()
+
+    # ------------------------------------------------------------------ listing
+    def model_names(self) -> list[str]:
+        """Names of the model directories under the root, sorted."""
+        self._fresh()
+        try:
+            entries = self._fs.ls(self._base, detail=True)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise RegistryError(f"{self.root}: cannot list registry: {exc}") from exc
+        names = {
+            _basename(e["name"])
+            for e in entries
+            if e.get("type") == "directory" and _NAME_RE.match(_basename(e["name"]))
+        }
+        return sorted(names)
+
+    def _version_files(self, name: str) -> dict[int, dict[str, int]]:
+        """version -> {file name: size} for every integer-named directory of the model (complete or not)."""
+        check_name(name)
+        self._fresh()
+        model_dir = self._path(name)
+        try:
+            found = self._fs.find(model_dir, maxdepth=2, withdirs=True, detail=True)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise RegistryError(f"{self._url(name)}: cannot list versions: {exc}") from exc
+        versions: dict[int, dict[str, int]] = {}
+        prefix = model_dir.rstrip("/") + "/"
+        for path, entry in found.items():
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].strip("/").split("/")
+            if not _VERSION_RE.match(parts[0]):
+                continue
+            files = versions.setdefault(int(parts[0]), {})
+            if len(parts) == 2 and entry.get("type") != "directory":
+                files[parts[1]] = int(entry.get("size") or 0)
+        return versions
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of ``name`` present (integer directories holding ``capsa.json``), ascending; [] if none."""
+        return sorted(v for v, files in self._version_files(name).items() if MANIFEST_FILE in files)
+
+    def config(self, name: str) -> ModelConfig:
+        """The model's `ModelConfig` (defaults without a ``config.json``); `ConfigError` if the file is invalid."""
+        check_name(name)
+        self._fresh()
+        try:
+            text = self._fs.cat_file(self._path(name, CONFIG_FILE))
+        except FileNotFoundError:
+            return ModelConfig()
+        except IsADirectoryError:
+            raise ConfigError(f"{self._url(name, CONFIG_FILE)}: is a directory, not a file") from None
+        except OSError as exc:
+            raise RegistryError(f"{self._url(name, CONFIG_FILE)}: cannot read: {exc}") from exc
+        return ModelConfig.from_json(text, source=self._url(name, CONFIG_FILE))
+
+    def served_versions(self, name: str) -> list[int]:
+        """The present versions the model's version policy selects, ascending."""
+        return self.config(name).select_versions(self.versions(name))
+
+    def manifest(self, name: str, version: int) -> BundleManifest:
+        """The validated ``capsa.json`` of a version (`BundleError` if invalid, `RegistryError` if missing)."""
+        check_name(name)
+        check_version(version)
+        try:
+            data = self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
+        except FileNotFoundError:
+            raise RegistryError(f"{self.root}: model {name!r} has no version {version}") from None
+        except OSError as exc:
+            raise RegistryError(f"{self._url(name, version, MANIFEST_FILE)}: cannot read: {exc}") from exc
+        return parse_manifest(data, source=self._url(name, version))
+
+    def _problem(self, name: str, version: int, files: dict[str, int], config: ModelConfig) -> str:
+        """Why a present version cannot be served ('' if it looks servable). Cheap: no weights are read."""
+        try:
+            manifest = self.manifest(name, version)
+        except (BundleError, RegistryError) as exc:
+            return str(exc)
+        missing = [f for f in manifest.files() if f not in files]
+        if missing:
+            return f"{self._url(name, version)}: missing {', '.join(missing)}"
+        if files.get(WEIGHTS_FILE, 0) == 0:
+            return f"{self._url(name, version)}: {WEIGHTS_FILE} is empty"
+        if not architecture_allowed(manifest.module, config.allowed_modules):
+            return (
+                f"{self._url(name, version)}: architecture {manifest.architecture!r} is outside allowed_modules "
+                f"{config.allowed_modules}"
+            )
+        return ""
+
+    def index(self) -> list[VersionState]:
+        """Every model/version with its state and reason, sorted by name and version.
+
+        A version is AVAILABLE when the model's config is valid, the version policy selects it and its bundle
+        looks servable (valid ``capsa.json``, files present, architecture inside ``allowed_modules``; the weights
+        checksum is verified later, when the bundle is fetched/loaded). Problems are contained: a bad config
+        marks that model's versions UNAVAILABLE, a bad bundle only its version. A model with no present version
+        gets one entry with version 0.
+        """
+        states: list[VersionState] = []
+        for name in self.model_names():
+            try:
+                files = self._version_files(name)
+            except RegistryError as exc:
+                states.append(VersionState(name, 0, UNAVAILABLE, str(exc)))
+                continue
+            present = sorted(v for v, f in files.items() if MANIFEST_FILE in f)
+            try:
+                config = self.config(name)
+            except (ConfigError, RegistryError) as exc:
+                states.extend(VersionState(name, v, UNAVAILABLE, str(exc)) for v in present or [0])
+                continue
+            if not present:
+                states.append(
+                    VersionState(name, 0, UNAVAILABLE, f"{self._url(name)}: no versions (no <N>/{MANIFEST_FILE})")
+                )
+                continue
+            served = set(config.select_versions(present))
+            for version in present:
+                if version not in served:
+                    reason = f"not selected by the version policy ({config.version_policy.describe()})"
+                    states.append(VersionState(name, version, UNAVAILABLE, reason))
+                    continue
+                problem = self._problem(name, version, files[version], config)
+                states.append(VersionState(name, version, UNAVAILABLE if problem else AVAILABLE, problem))
+        return states
+
+    # ------------------------------------------------------------------ fetch
+    def fetch(self, name: str, version: int) -> Path:
+        """A local directory holding the bundle of ``name``/``version``.
+
+        Local registry: the version directory itself. Remote: a copy in ``cache_dir`` (downloaded once, moved
+        into place atomically, weights checksum verified; retried if the version is replaced meanwhile).
+        """
+        check_name(name)
+        check_version(version)
+        if self._local:
+            path = Path(self._path(name, version))
+            if not (path / MANIFEST_FILE).is_file():
+                raise RegistryError(f"{self.root}: model {name!r} has no version {version}")
+            return path
+        last = ""
+        for _ in range(_FETCH_ATTEMPTS):
+            try:
+                return self._download(name, version)
+            except _Changed as exc:
+                last = str(exc)
+        raise RegistryError(f"{self._url(name, version)}: changed during {_FETCH_ATTEMPTS} downloads: {last}")
+
+    def _download(self, name: str, version: int) -> Path:
+        self._fresh()
+        source = self._url(name, version)
+        try:
+            manifest_bytes = self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
+        except FileNotFoundError:
+            raise RegistryError(f"{self.root}: model {name!r} has no version {version}") from None
+        except OSError as exc:
+            raise RegistryError(f"{source}: cannot read {MANIFEST_FILE}: {exc}") from exc
+        try:
+            manifest = parse_manifest(manifest_bytes, source=source)
+        except BundleError as exc:
+            raise RegistryError(str(exc)) from None
+        code = b""
+        if manifest.local_architecture:
+            try:
+                code = self._fs.cat_file(self._path(name, version, ARCHITECTURE_FILE))
+            except FileNotFoundError:
+                raise _Changed(f"{ARCHITECTURE_FILE} is missing") from None
+        key = hashlib.sha256(manifest_bytes + b"\0" + code).hexdigest()[:32]
+        target = self.cache_dir / key
+        if (target / MANIFEST_FILE).is_file():
+            return target
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            try:
+                self._fs.get_file(self._path(name, version, WEIGHTS_FILE), str(tmp / WEIGHTS_FILE))
+            except FileNotFoundError:
+                raise _Changed(f"{WEIGHTS_FILE} is missing") from None
+            digest = _sha256_file(tmp / WEIGHTS_FILE)
+            if digest != manifest.weights_sha256:
+                raise _Changed(
+                    f"{WEIGHTS_FILE} has SHA-256 {digest}, {MANIFEST_FILE} records {manifest.weights_sha256}"
+                )
+            if code:
+                (tmp / ARCHITECTURE_FILE).write_bytes(code)
+            (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (target / MANIFEST_FILE).is_file():
+                    raise
+            return target
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Changed(Exception):
+    """A remote version changed (was replaced) while being downloaded."""
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- publish
+def publish(
+    bundle: str | Path,
+    root: str,
+    name: str,
+    version: int | None = None,
+    *,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """Copy a bundle into the registry as ``name``/``version`` (default: the highest version + 1); return it.
+
+    The bundle is checked first (manifest, files, weights checksum; no code runs). Atomic for readers: locally
+    the files go into ``ROOT/<name>/.tmp-<uuid>/`` which is then renamed to ``ROOT/<name>/<version>``; in an
+    object store every file is uploaded with ``capsa.json`` last. An existing version is refused unless
+    ``force`` (then locally the old directory is renamed aside and removed; remotely its ``capsa.json`` is
+    deleted first, so readers see the version absent until the new one is complete).
+
+    Remote stores cannot rename atomically: two processes publishing the same model at once with
+    ``version=None`` may pick the same number there; give explicit versions when publishing concurrently.
+    """
+    check_name(name)
+    if version is not None:
+        check_version(version)
+    manifest = check_bundle(bundle)
+    sources = [Path(bundle) / f for f in manifest.files()]
+    try:
+        fs, base, local = _open_fs(root, storage_options)
+    except (ValueError, ImportError) as exc:
+        raise RegistryError(f"{root}: cannot open registry: {exc}") from None
+    if local:
+        return _publish_local(sources, Path(base), str(root), name, version, force)
+    return _publish_remote(sources, fs, base, str(root), name, version, force)
+
+
+def _int_dirs(names: list[str]) -> list[int]:
+    return [int(n) for n in names if _VERSION_RE.match(n)]
+
+
+def _publish_local(sources: list[Path], base: Path, root: str, name: str, version: int | None, force: bool) -> int:
+    model_dir = base / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        for src in sources:
+            with open(src, "rb") as fin, open(tmp / src.name, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+        for _ in range(100):  # retries only when another publisher races us
+            number = version if version is not None else max(_int_dirs(os.listdir(model_dir)), default=0) + 1
+            target = model_dir / str(number)
+            if (target / MANIFEST_FILE).exists() and not force:
+                if version is None:
+                    continue
+                raise RegistryError(f"{root}: {name} version {number} already exists (use --force to replace it)")
+            if os.path.lexists(target):
+                # Replace: move the old directory aside, then the new one in (readers see old or new, whole).
+                aside = model_dir / f".old-{uuid.uuid4().hex}"
+                try:
+                    os.rename(target, aside)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.rename(tmp, target)
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    continue
+                finally:
+                    shutil.rmtree(aside, ignore_errors=True)
+                return number
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # someone else created it meanwhile: re-evaluate
+            return number
+        raise RegistryError(f"{root}: could not publish {name}: too many concurrent changes")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_remote(
+    sources: list[Path],
+    fs: fsspec.AbstractFileSystem,
+    base: str,
+    root: str,
+    name: str,
+    version: int | None,
+    force: bool,
+) -> int:
+    fs.invalidate_cache()
+    model_dir = f"{base}/{name}"
+    if version is None:
+        try:
+            names = [_basename(p) for p in fs.ls(model_dir, detail=False)]
+        except FileNotFoundError:
+            names = []
+        version = max(_int_dirs(names), default=0) + 1
+    version_dir = f"{model_dir}/{version}"
+    manifest_path = f"{version_dir}/{MANIFEST_FILE}"
+    if fs.exists(manifest_path) and not force:
+        raise RegistryError(f"{root}: {name} version {version} already exists (use --force to replace it)")
+    # Unpublish first (capsa.json goes first), then clear leftovers, so no reader mixes old and new files.
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(manifest_path)
+    fs.invalidate_cache()
+    try:
+        old = fs.find(version_dir)
+    except FileNotFoundError:
+        old = []
+    for path in old:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+    for src in sources:  # capsa.json is last
+        fs.put_file(str(src), f"{version_dir}/{src.name}")
+    fs.invalidate_cache()
+    return version
