@@ -1,0 +1,131 @@
+"""The FastAPI application: routers wired explicitly, JSON errors, request ids and access logs, and a lifespan
+that loads the registry's models into worker processes and stops them at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from service import __version__
+from service.errors import ApiError
+from service.fastpath import ServingMiddleware
+from service.logging import AccessLog
+from service.manager import ModelManager
+from service.metrics import Metrics
+from service.routes import health, repository, v1, v2
+from service.schemas import DOC_MODELS
+from service.settings import Settings
+
+log = logging.getLogger("capsa.serve")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+class ServingApp(FastAPI):
+    """FastAPI, with :class:`~service.fastpath.ServingMiddleware` in front of everything for HTTP requests.
+
+    The middleware sits outside FastAPI's own per-request layers, so the inference fast path pays for none of them;
+    every other request goes through it into the normal FastAPI stack.
+    """
+
+    serving: ServingMiddleware | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.serving is not None and scope["type"] == "http":
+            await self.serving(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _fastapi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for ``settings``; the lifespan starts the model workers and stops them on shutdown."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = ModelManager(settings, metrics)
+        app.state.manager = manager
+        # Keep the startup heap (torch and capsa come in with the registry) out of the garbage collector's
+        # sweeps: a full collection over it stalls the event loop for tens of milliseconds, a p99 killer.
+        gc.collect()
+        gc.freeze()
+        names = await manager.open()  # an unreadable registry fails the startup
+        startup = asyncio.get_running_loop().create_task(manager.start(names))
+        log.info("server starting", extra={"model_repository": settings.model_repository,
+                                           "devices": manager.devices})
+        try:
+            yield
+        finally:
+            startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await startup
+            await manager.close()
+            log.info("workers stopped")
+            if app.state.access_log is not None:
+                app.state.access_log.flush()
+
+    app = ServingApp(
+        title="capsa-serve",
+        version=__version__,
+        description="Predictions with per-sample risk from capsa-wrapped PyTorch models, over the KServe V2 "
+                    "(Open Inference) protocol, with dynamic batching on worker processes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.access_log = AccessLog() if settings.access_log else None
+    for router in (health.router, v2.router, v1.router, repository.router):
+        app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+        )
+        return _error(400, f"invalid request: {problems}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in DOC_MODELS:
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.serving = ServingMiddleware(app._fastapi_call, state=app.state)
+    return app

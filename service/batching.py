@@ -1,0 +1,284 @@
+"""Dynamic batching for one model version, driven entirely by asyncio callbacks (no batching task, no threads).
+
+Requests queue (bounded: beyond ``max_queue_size`` queued requests, :class:`QueueFull` at once). Whenever a worker
+is free it takes what is queued, in order, up to ``max_batch_size`` samples, keeping multi-sample requests whole; so
+at low load a request never waits for company, and while every worker is busy requests accumulate into the next
+batch. ``max_batch_delay_ms`` lets a free worker wait that long for a fuller batch. The batch goes to the worker as
+one contiguous array; its outputs come back as one array each and are split per request with zero-copy slices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.metrics import VersionMetrics
+
+
+class ServeError(Exception):
+    """An inference that cannot be answered; ``status`` is the HTTP status to reply with."""
+
+    status = 500
+
+
+class QueueFull(ServeError):
+    """The model version's queue is full (503)."""
+
+    status = 503
+
+
+class Unavailable(ServeError):
+    """No worker is alive, or the one running the request died (503)."""
+
+    status = 503
+
+
+class DeadlineExceeded(ServeError):
+    """The request waited past its deadline (504)."""
+
+    status = 504
+
+
+class ModelError(ServeError):
+    """The model raised on this request (500)."""
+
+    status = 500
+
+
+class BatchWorker(Protocol):
+    """What the batcher needs of a worker."""
+
+    id: int
+
+    def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None: ...
+
+
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # prediction, risk, risk_score
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One queued or running request."""
+
+    array: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    timer: asyncio.TimerHandle | None = None
+    retried: bool = False
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class Batch:
+    """Requests running together on one worker."""
+
+    id: int
+    requests: list[Pending]
+    offsets: list[int]
+    started: float
+
+
+class Batcher:
+    """The queue, the free workers and the batches in flight of one model version."""
+
+    _batch_ids = itertools.count(1)
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue_size: int,
+        timeout_s: float,
+        metrics: VersionMetrics,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_size = max_queue_size
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.queue: deque[Pending] = deque()
+        self.idle: list[BatchWorker] = []
+        self.busy: dict[int, tuple[BatchWorker, Batch]] = {}
+        self.closed = False
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._loop = asyncio.get_running_loop()
+        metrics.pending.set_function(self.pending_requests)
+
+    def pending_requests(self) -> int:
+        """Requests queued or running (the pending gauge reads this at scrape time: no per-request cost)."""
+        return len(self.queue) + sum(len(batch.requests) for _, batch in self.busy.values())
+
+    # ---------------------------------------------------------------- workers
+    @property
+    def live_workers(self) -> int:
+        """Workers ready to take batches, idle or busy."""
+        return len(self.idle) + len(self.busy)
+
+    def add_worker(self, worker: BatchWorker) -> None:
+        """A worker is ready (or free again): give it work."""
+        self.idle.append(worker)
+        self._dispatch()
+
+    def remove_worker(self, worker: BatchWorker) -> None:
+        """A worker died or is stopping: retry its batch once on another worker, or fail it with 503."""
+        self.idle = [w for w in self.idle if w is not worker]
+        entry = self.busy.pop(worker.id, None)
+        if entry is not None:
+            retry: list[Pending] = []
+            for pending in entry[1].requests:
+                if pending.future.done():
+                    continue
+                if not pending.retried and self.live_workers > 0 and not self.closed:
+                    pending.retried = True
+                    pending.queued = True
+                    retry.append(pending)
+                else:
+                    self._fail(pending, Unavailable("the worker running this request died; retry later"))
+            self.queue.extendleft(reversed(retry))
+        self._dispatch()
+        self._check_drained()
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, array: np.ndarray) -> asyncio.Future:
+        """Queue one request (its batch dimension already checked); the future yields its three outputs."""
+        if self.closed or self.live_workers == 0:
+            raise Unavailable("no worker is alive for this model version; retry later")
+        if len(self.queue) >= self.max_queue_size:
+            raise QueueFull(f"the queue is full ({self.max_queue_size} requests); retry later")
+        loop = self._loop
+        pending = Pending(array, loop.create_future(), time.perf_counter())
+        pending.timer = loop.call_later(self.timeout_s, self._expire, pending)
+        self.queue.append(pending)
+        self._drained.clear()
+        if self.idle:
+            self._dispatch()
+        return pending.future
+
+    def _expire(self, pending: Pending) -> None:
+        if pending.future.done():
+            return
+        if pending.queued:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(pending)
+            pending.queued = False
+        self._fail(pending, DeadlineExceeded(f"the request waited past its deadline ({self.timeout_s:g} s)"))
+        self._check_drained()
+
+    def _finish(self, pending: Pending) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+
+    def _fail(self, pending: Pending, exc: ServeError) -> None:
+        if not pending.future.done():
+            self._finish(pending)
+            pending.future.set_exception(exc)
+
+    def _dispatch(self) -> None:
+        while self.idle and self.queue:
+            if self.max_batch_delay_s > 0:
+                samples = sum(p.array.shape[0] for p in self.queue)
+                if samples < self.max_batch_size:
+                    wait = self.queue[0].enqueued + self.max_batch_delay_s - time.perf_counter()
+                    if wait > 0:
+                        if self._delay_timer is None:
+                            self._delay_timer = self._loop.call_later(wait, self._delay_over)
+                        return
+            requests: list[Pending] = []
+            offsets = [0]
+            total = 0
+            while self.queue:
+                n = self.queue[0].array.shape[0]
+                if requests and total + n > self.max_batch_size:
+                    break
+                pending = self.queue.popleft()
+                pending.queued = False
+                requests.append(pending)
+                total += n
+                offsets.append(total)
+            if not requests:
+                break
+            now = time.perf_counter()
+            for pending in requests:
+                self.metrics.queue_duration.observe(now - pending.enqueued)
+            array = requests[0].array if len(requests) == 1 else np.concatenate([p.array for p in requests])
+            worker = self.idle.pop()
+            batch = Batch(next(self._batch_ids), requests, offsets, now)
+            self.busy[worker.id] = (worker, batch)
+            # a broken pipe means the worker is dying: its exit handler retries or fails the batch
+            with contextlib.suppress(OSError, ValueError):
+                worker.send_batch(batch.id, array, offsets)
+
+    def _delay_over(self) -> None:
+        self._delay_timer = None
+        self._dispatch()
+
+    def complete(self, worker: BatchWorker, batch_id: int, compute_s: float, payload: tuple[Any, ...]) -> None:
+        """A worker finished a batch: resolve each request with its own rows, and give the worker more work."""
+        entry = self.busy.pop(worker.id, None)
+        if entry is None or entry[1].id != batch_id:  # stale (should not happen)
+            self.idle.append(worker)
+            self._dispatch()
+            return
+        batch = entry[1]
+        self.metrics.exec_count.inc()
+        self.metrics.count.inc(batch.offsets[-1])
+        self.metrics.compute_duration.observe(compute_s)
+        kind = payload[0]
+        if kind == "ok":
+            pred, risk, score = payload[1], payload[2], payload[3]
+            for pending, lo, hi in zip(batch.requests, batch.offsets, batch.offsets[1:], strict=False):
+                if not pending.future.done():
+                    self._finish(pending)
+                    pending.future.set_result((pred[lo:hi], risk[lo:hi], score[lo:hi]))
+        elif kind == "split":
+            for pending, part in zip(batch.requests, payload[1], strict=True):
+                if isinstance(part, str):
+                    self._fail(pending, ModelError(f"the model failed on this request: {part}"))
+                elif not pending.future.done():
+                    self._finish(pending)
+                    pending.future.set_result(part)
+        else:
+            for pending in batch.requests:
+                self._fail(pending, ModelError(f"the model failed on this request: {payload[1]}"))
+        self.idle.append(worker)
+        self._dispatch()
+        self._check_drained()
+
+    # ---------------------------------------------------------------- lifecycle
+    def _check_drained(self) -> None:
+        if not self.queue and not self.busy:
+            self._drained.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting; wait until queued and running requests are answered (True) or the timeout (False)."""
+        self.closed = True
+        self._check_drained()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self, reason: str) -> None:
+        """Fail everything still queued or running with 503."""
+        self.closed = True
+        while self.queue:
+            pending = self.queue.popleft()
+            pending.queued = False
+            self._fail(pending, Unavailable(reason))
+        for _, batch in self.busy.values():
+            for pending in batch.requests:
+                self._fail(pending, Unavailable(reason))
+        self.busy.clear()
+        self.idle.clear()
+        self._drained.set()

@@ -1,0 +1,103 @@
+"""``capsa-serve``: run the server with uvicorn (uvloop + httptools), with a graceful shutdown on SIGTERM.
+
+On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and lets in-flight requests finish (bounded by
+``CAPSA_DRAIN_TIMEOUT_S``); the app's lifespan then stops the workers, and the process exits with status 0, which is
+what container runtimes expect of a clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service import __version__
+from service.settings import Settings
+
+log = logging.getLogger("capsa.serve")
+
+
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    """Command-line options, as Settings overrides (only those given; the rest come from CAPSA_* variables)."""
+    parser = argparse.ArgumentParser(
+        prog="capsa-serve",
+        description="Serve capsa model bundles from a registry over KServe V2 REST, with per-sample risk. "
+                    "Every option is also an environment variable CAPSA_<OPTION> (e.g. CAPSA_MODEL_REPOSITORY).",
+    )
+    parser.add_argument("--model-repository", help="registry root: a directory or an fsspec URL (s3://...)")
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--devices", help='"auto" (default), "cpu", or "cuda:0,cuda:1"')
+    parser.add_argument("--workers-per-device", type=int, help="override every model's instances")
+    parser.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
+    parser.add_argument("--demo", action="store_true", default=None,
+                        help="build a small demo model into a local registry and serve it")
+    parser.add_argument("--version", action="version", version=f"capsa-serve {__version__}")
+    args = parser.parse_args(argv)
+    return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``capsa-serve`` console script; returns the exit status."""
+    from service.logging import configure_logging
+
+    try:
+        settings = Settings(**parse_args(argv))
+    except ValidationError as exc:
+        print(f"capsa-serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.demo:
+        from service.demo import prepare_demo
+
+        settings = settings.model_copy(update={"model_repository": prepare_demo(settings)})
+    if not settings.model_repository:
+        print("capsa-serve: give --model-repository (or CAPSA_MODEL_REPOSITORY), or --demo", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_config=None, log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=30, server_header=False,
+    )
+    server = uvicorn.Server(config)
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(exc)})
+        return 1
+    log.info("listening", extra={"host": settings.host, "port": sock.getsockname()[1]})
+    # uvicorn handles SIGTERM/SIGINT itself (graceful drain), then restores the previous handlers and re-raises
+    # the signal: with these no-op handlers in place, that re-raise does not kill us and we exit with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    if not server.started:
+        log.error("server failed to start")
+        return 1
+    log.info("server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The outermost ASGI layer: request ids, the body-size limit, access logs, and the inference fast path.
+
+Every request gets a request id (``X-Request-ID`` if the client sent one, else the V2 ``id``, else a generated one),
+echoed in the ``X-Request-ID`` response header and written in its JSON access line. A ``Content-Length`` over the
+limit gets 413 before any body is read.
+
+The inference routes (``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /v1/models/{m}:predict``) are served
+right here, without FastAPI's routing and dependency injection (which cost more per request than the whole rest
+of the inference path): the body is read raw and handed to :mod:`service.inference`, the same code the FastAPI
+routes of those paths call. Those routes stay registered, so the OpenAPI docs describe them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, body_too_large
+from service.inference import check_infer_token, v1_predict, v2_infer
+from service.logging import AccessLog
+
+log = logging.getLogger("capsa.serve")
+
+_JSON = [(b"content-type", b"application/json")]
+_BINARY = (b"content-type", b"application/octet-stream")
+
+
+class ServingMiddleware:
+    """Request ids, body limit, access log and the inference fast path (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, state: Any) -> None:
+        self.app = app
+        self.state = state  # the FastAPI app's state: settings, manager (set by the lifespan)
+        self.settings = state.settings
+        self.limit = self.settings.max_request_bytes
+        self.access: AccessLog | None = state.access_log
+        self._prefix = os.urandom(4).hex()
+        self._counter = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        header_id = length = authorization = header_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                length = value
+            elif key == b"x-request-id":
+                header_id = value.decode("latin-1")
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"inference-header-content-length":
+                header_length = value.decode("latin-1")
+        if header_id is None:
+            self._counter += 1
+            ctx: dict[str, Any] = {"request_id": f"{self._prefix}-{self._counter}"}
+        else:
+            ctx = {"request_id": header_id}
+        scope["capsa"] = ctx
+        status = 500
+        echo_id = header_id
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()),
+                                      (b"x-request-id", (echo_id or ctx["request_id"]).encode("latin-1"))]
+            await send(message)
+
+        try:
+            route = _fast_route(scope) if scope["method"] == "POST" else None
+            try:
+                if length is not None and length.isdigit() and int(length) > self.limit:
+                    raise body_too_large(self.limit)
+                if route is not None:
+                    check_infer_token(self.settings, authorization)
+                    body = await self._body(receive)
+            except ApiError as exc:
+                self._count_failure(route)
+                await self._error(send_with_id, exc)
+                return
+            if route is None:
+                await self.app(scope, receive, send_with_id)
+                return
+            try:
+                if route[0] == "v2":
+                    content, json_length = await v2_infer(self.state.manager, self.settings, ctx, route[1],
+                                                          route[2], body, header_length)
+                else:
+                    content, json_length = await v1_predict(self.state.manager, self.settings, route[1], body), None
+            except ApiError as exc:
+                await self._error(send_with_id, exc)
+                return
+            except Exception as exc:  # a bug: answer 500 in the same JSON form, and log it
+                log.error("unhandled error", exc_info=exc, extra={"path": scope["path"]})
+                await self._error(send_with_id, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+                return
+            headers = _JSON if json_length is None else [
+                _BINARY, (b"inference-header-content-length", str(json_length).encode())
+            ]
+            await send_with_id({"type": "http.response.start", "status": 200,
+                                "headers": [*headers, (b"content-length", str(len(content)).encode())]})
+            await send_with_id({"type": "http.response.body", "body": content})
+        finally:
+            if self.access is not None:
+                self.access.log({
+                    "request_id": ctx["request_id"], "method": scope["method"], "path": scope["path"],
+                    "status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "client": scope["client"][0] if scope.get("client") else None,
+                })
+
+    def _count_failure(self, route: tuple[str, str, str | None] | None) -> None:
+        """An infer request for a known model answered before reaching the model: count it as a failure."""
+        if route is not None:
+            try:
+                mv = self.state.manager.resolve(route[1], route[2])
+            except LookupError:
+                return
+            mv.metrics.failure.inc()
+
+    async def _body(self, receive: Receive) -> bytes:
+        """Read the whole body, refusing more than the limit even without a Content-Length."""
+        message = await receive()
+        body = message.get("body", b"")
+        if len(body) > self.limit:
+            raise body_too_large(self.limit)
+        if not message.get("more_body", False):
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise body_too_large(self.limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _error(send: Send, exc: ApiError) -> None:
+        body = exc.body()
+        headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+        for key, value in (exc.headers or {}).items():
+            headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _fast_route(scope: Scope) -> tuple[str, str, str | None] | None:
+    """("v2", model, version) or ("v1", model, None) for the inference paths, else None."""
+    path: str = scope["path"]
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        parts = path.split("/")
+        if len(parts) == 5 and parts[3]:
+            return "v2", parts[3], None
+        if len(parts) == 7 and parts[4] == "versions" and parts[3] and parts[5]:
+            return "v2", parts[3], parts[5]
+    elif path.startswith("/v1/models/") and path.endswith(":predict"):
+        parts = path.split("/")
+        if len(parts) == 4 and len(parts[3]) > len(":predict"):
+            return "v1", parts[3][: -len(":predict")], None
+    return None

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the server, in their own ``CollectorRegistry`` (one per app, so tests can run several).
+
+Every metric is labelled ``model`` and ``version``; :meth:`Metrics.for_version` returns the bound children once,
+so the hot path does no label lookups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE", "Metrics", "VersionMetrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LABELS = ("model", "version")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_RISK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
+
+
+@dataclass(slots=True)
+class VersionMetrics:
+    """The metric children of one model version."""
+
+    success: Counter
+    failure: Counter
+    count: Counter
+    exec_count: Counter
+    request_duration: Histogram
+    queue_duration: Histogram
+    compute_duration: Histogram
+    pending: Gauge
+    ready: Gauge
+    risk_score: Histogram
+    flagged: Counter
+
+    def observe_risk(self, scores: np.ndarray) -> None:
+        """Record served per-sample risk scores (non-finite ones are skipped)."""
+        for value in scores.tolist():
+            if value == value and value not in (float("inf"), float("-inf")):
+                self.risk_score.observe(value)
+
+
+class Metrics:
+    """All metrics of one server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.success = Counter("capsa_inference_request_success", "Successful inference requests.",
+                               _LABELS, registry=r)
+        self.failure = Counter("capsa_inference_request_failure",
+                               "Failed inference requests (any non-2xx answer for a known model).", _LABELS,
+                               registry=r)
+        self.count = Counter("capsa_inference_count", "Inferred samples (batch elements).", _LABELS, registry=r)
+        self.exec_count = Counter("capsa_inference_exec_count", "Executed model batches.", _LABELS, registry=r)
+        self.request_duration = Histogram("capsa_inference_request_duration_seconds",
+                                          "Inference request duration, from arrival to answer.", _LABELS,
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("capsa_inference_queue_duration_seconds",
+                                        "Time a request waited in the queue before its batch started.",
+                                        _LABELS, buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute_duration = Histogram("capsa_inference_compute_duration_seconds",
+                                          "Model compute time per batch, measured in the worker.", _LABELS,
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.pending = Gauge("capsa_inference_pending_requests",
+                             "Requests queued or in flight on a worker.", _LABELS, registry=r)
+        self.ready = Gauge("capsa_model_ready", "1 when the model version is loaded and warmed up, else 0.",
+                           _LABELS, registry=r)
+        self.risk_score = Histogram("capsa_risk_score",
+                                    "Served per-sample risk scores (mean risk over non-batch dimensions).",
+                                    _LABELS, buckets=_RISK_BUCKETS, registry=r)
+        self.flagged = Counter("capsa_flagged", "Samples flagged as risky (risk_score above the threshold).",
+                               _LABELS, registry=r)
+
+    def for_version(self, model: str, version: int | str) -> VersionMetrics:
+        """The bound children for one model version (created at zero so they show up before traffic)."""
+        labels = (model, str(version))
+        return VersionMetrics(
+            success=self.success.labels(*labels),
+            failure=self.failure.labels(*labels),
+            count=self.count.labels(*labels),
+            exec_count=self.exec_count.labels(*labels),
+            request_duration=self.request_duration.labels(*labels),
+            queue_duration=self.queue_duration.labels(*labels),
+            compute_duration=self.compute_duration.labels(*labels),
+            pending=self.pending.labels(*labels),
+            ready=self.ready.labels(*labels),
+            risk_score=self.risk_score.labels(*labels),
+            flagged=self.flagged.labels(*labels),
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,260 @@
+"""KServe V2 (Open Inference Protocol) tensor codec: JSON ``data`` and the binary tensor data extension.
+
+Requests are decoded straight from the raw body with orjson and numpy (no pydantic, no per-element Python loops),
+so the inference hot path stays cheap. Binary data follows Triton's extension: the ``Inference-Header-Content-Length``
+header gives the JSON header's length, raw little-endian tensor bytes follow it in input order, each input naming
+its byte count in ``parameters.binary_data_size``. Outputs go out in binary when the request asks for it per output
+(``parameters.binary_data``) or for all (``parameters.binary_data_output``), as ``tritonclient.http`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+#: V2 datatype name -> little-endian numpy dtype (BYTES and BF16 are not served by capsa models).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_NAMES_BY_KIND: dict[tuple[str, int], str] = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(ValueError):
+    """A malformed or invalid request; answered with HTTP 400 and this message."""
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The V2 datatype name of a numpy dtype."""
+    try:
+        return _NAMES_BY_KIND[(dtype.kind, dtype.itemsize)]
+    except KeyError:
+        raise ValueError(f"numpy dtype {dtype} has no V2 datatype") from None
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """One entry of the request's ``outputs`` list."""
+
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded V2 inference request: its id, its decoded input arrays and what it wants back."""
+
+    id: str | None
+    inputs: dict[str, tuple[str, np.ndarray]]  # name -> (datatype, array of the requested shape)
+    outputs: list[RequestedOutput] | None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    binary_output: bool = False
+
+
+def _shape(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise ProtocolError(f"input '{name}': shape must be a list of non-negative integers")
+    return tuple(value)
+
+
+def decode_tensor(name: str, datatype: str, shape: tuple[int, ...], data: Any = None,
+                  raw: memoryview | bytes | None = None) -> np.ndarray:
+    """Decode one tensor from JSON ``data`` (flat or nested, row-major) or from raw little-endian bytes."""
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(f"input '{name}': datatype {datatype!r} is not supported")
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise ProtocolError(
+                f"input '{name}': binary data has {len(raw)} bytes, shape {list(shape)} of {datatype} "
+                f"needs {count * dtype.itemsize}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+        if dtype == DATATYPES["BOOL"] and array.size and np.any(array.view(np.uint8) > 1):
+            raise ProtocolError(f"input '{name}': BOOL bytes must be 0 or 1")
+        return array.reshape(shape)
+    if not isinstance(data, list):
+        raise ProtocolError(f"input '{name}': 'data' must be a list")
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"input '{name}': data is not a regular array of {datatype}: {exc}") from None
+    if array.size != count:
+        raise ProtocolError(
+            f"input '{name}': data has {array.size} elements, shape {list(shape)} needs {count}"
+        )
+    return array.reshape(shape)
+
+
+def decode_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a V2 infer request body; ``header_length`` is the Inference-Header-Content-Length, if any."""
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise ProtocolError(
+                f"Inference-Header-Content-Length {header_length} is outside the body ({len(body)} bytes)"
+            )
+        head, binary = memoryview(body)[:header_length], memoryview(body)[header_length:]
+    else:
+        head, binary = body, None
+    try:
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")
+    parameters = request.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("'inputs' must be a non-empty list")
+    inputs: dict[str, tuple[str, np.ndarray]] = {}
+    offset = 0
+    for item in raw_inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ProtocolError("each input must be an object with a string 'name'")
+        name = item["name"]
+        if name in inputs:
+            raise ProtocolError(f"input '{name}' appears twice")
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise ProtocolError(f"input '{name}': 'datatype' must be a string")
+        shape = _shape(name, item.get("shape"))
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"input '{name}': 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if binary is None:
+                raise ProtocolError(
+                    f"input '{name}': binary_data_size given without an Inference-Header-Content-Length header"
+                )
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"input '{name}': binary_data_size {size!r} is outside the binary data")
+            array = decode_tensor(name, datatype, shape, raw=binary[offset : offset + size])
+            offset += size
+        else:
+            if "data" not in item:
+                raise ProtocolError(f"input '{name}': needs 'data' or parameters.binary_data_size")
+            array = decode_tensor(name, datatype, shape, data=item["data"])
+        inputs[name] = (datatype, array)
+    if binary is not None and offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise ProtocolError("parameters.binary_data_output must be a boolean")
+    outputs = None
+    raw_outputs = request.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise ProtocolError("'outputs' must be a list")
+        outputs = []
+        for item in raw_outputs:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ProtocolError("each requested output must be an object with a string 'name'")
+            oparams = item.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise ProtocolError(f"output '{item['name']}': 'parameters' must be an object")
+            flag = oparams.get("binary_data", binary_output)
+            if not isinstance(flag, bool):
+                raise ProtocolError(f"output '{item['name']}': parameters.binary_data must be a boolean")
+            outputs.append(RequestedOutput(item["name"], flag))
+    return InferRequest(request_id, inputs, outputs, parameters, binary_output)
+
+
+def check_input(name: str, datatype: str, array: np.ndarray, expected_datatype: str,
+                expected_shape: list[int], *, max_batch_size: int, allow_non_finite: bool) -> None:
+    """Check an input against the model's signature (``-1`` = any size); raise ProtocolError naming it."""
+    if datatype != expected_datatype:
+        raise ProtocolError(f"input '{name}': datatype {datatype} does not match the model's {expected_datatype}")
+    shape = array.shape
+    if len(shape) != len(expected_shape) or any(e != -1 and e != s for s, e in zip(shape, expected_shape, strict=True)):
+        raise ProtocolError(f"input '{name}': shape {list(shape)} does not match the model's {expected_shape}")
+    if shape[0] < 1:
+        raise ProtocolError(f"input '{name}': the batch dimension must be at least 1")
+    if shape[0] > max_batch_size:
+        raise ProtocolError(
+            f"input '{name}': batch size {shape[0]} exceeds the model's max_batch_size {max_batch_size}"
+        )
+    if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ProtocolError(f"input '{name}': contains non-finite values (NaN or infinity)")
+
+
+def _le(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[tuple[str, np.ndarray, bool]],
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a V2 response from ``(name, array, binary)`` outputs.
+
+    Returns the body and, when any output went out in binary, the JSON header's length (for the
+    ``Inference-Header-Content-Length`` response header), else ``None``.
+    """
+    entries = []
+    blobs: list[bytes] = []
+    for name, array, binary in outputs:
+        array = _le(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if binary:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.reshape(-1)
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        response["id"] = request_id
+    if parameters:
+        response["parameters"] = parameters
+    response["outputs"] = entries
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def decode_infer_response(body: bytes, header_length: int | None = None) -> dict[str, np.ndarray]:
+    """Decode a V2 response into ``{name: array}`` (the client side; used by tests and the benchmark)."""
+    head = body if header_length is None else body[:header_length]
+    response = orjson.loads(head)
+    offset = header_length or 0
+    result = {}
+    for out in response["outputs"]:
+        shape = tuple(out["shape"])
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            result[out["name"]] = decode_tensor(out["name"], out["datatype"], shape,
+                                                raw=body[offset : offset + size])
+            offset += size
+        else:
+            result[out["name"]] = decode_tensor(out["name"], out["datatype"], shape, data=out["data"])
+    return result

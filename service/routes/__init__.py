@@ -1,0 +1,1 @@
+"""HTTP routes, one router per concern; :func:`service.app.create_app` wires them."""

@@ -1,0 +1,69 @@
+"""Shared pieces of the routes: typed dependencies, bearer-token checks and body reading."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import ApiError, body_too_large
+from service.inference import check_infer_token
+from service.manager import ModelManager
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+async def get_manager(request: Request) -> ModelManager:
+    """The app's model manager."""
+    return request.app.state.manager
+
+
+async def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+async def get_metrics(request: Request) -> Metrics:
+    """The app's metrics."""
+    return request.app.state.metrics
+
+
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+_bearer = HTTPBearer(auto_error=False, description="Bearer token (CAPSA_ADMIN_TOKEN / CAPSA_INFER_TOKEN).")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+    """Repository routes: 403 when no admin token is configured, 401 when the bearer token is missing or wrong."""
+    if settings.admin_token is None:
+        raise ApiError(403, "the repository routes are disabled: no admin token is configured (CAPSA_ADMIN_TOKEN)")
+    token = settings.admin_token.get_secret_value().encode()
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token):
+        raise ApiError(401, "a valid 'Authorization: Bearer <admin token>' header is required",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+async def require_infer_token(settings: SettingsDep, credentials: BearerDep) -> None:
+    """Inference routes: when CAPSA_INFER_TOKEN is set, a matching bearer token is required (else 401)."""
+    check_infer_token(settings, f"Bearer {credentials.credentials}" if credentials is not None else None)
+
+
+AdminAuth = Depends(require_admin)
+InferAuth = Depends(require_infer_token)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes even without a Content-Length."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,21 @@
+"""A KServe V1-style route for curl users: ``{"instances": [...]}`` in, predictions with risk out."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.inference import v1_predict
+from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
+from service.routes.v2 import ERRORS
+from service.schemas import PredictRequest, PredictResponse, request_body
+
+router = APIRouter(tags=["v1"])
+
+
+@router.post("/v1/models/{model_name}:predict", summary="Predict (V1 style)", response_model=PredictResponse,
+             responses=ERRORS, openapi_extra=request_body(PredictRequest), dependencies=[InferAuth])
+async def predict(model_name: str, request: Request, manager: ManagerDep, settings: SettingsDep) -> Response:
+    """Each instance is one sample (one row of the model's input); returns ``predictions``, ``risk``,
+    ``risk_score`` (and ``flagged`` when a risk threshold is set)."""
+    body = await read_body(request, settings.max_request_bytes)
+    return Response(await v1_predict(manager, settings, model_name, body), media_type="application/json")

@@ -1,0 +1,162 @@
+"""Unit tests of the dynamic batcher with fake workers (no processes): batching, splitting, bounds, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, DeadlineExceeded, ModelError, QueueFull, Unavailable
+from service.metrics import Metrics
+
+
+class FakeWorker:
+    """Records the batches it is sent."""
+
+    def __init__(self, wid: int) -> None:
+        self.id = wid
+        self.sent: list[tuple[int, np.ndarray, list[int]]] = []
+
+    def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None:
+        self.sent.append((batch_id, array.copy(), list(offsets)))
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def make(**kw: Any) -> Batcher:
+    options = {"max_batch_size": 8, "max_batch_delay_s": 0.0, "max_queue_size": 16, "timeout_s": 5.0}
+    options.update(kw)
+    return Batcher(metrics=Metrics().for_version("m", 1), **options)
+
+
+def rows(n: int, start: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1)
+
+
+def answer(batcher: Batcher, worker: FakeWorker) -> None:
+    """Complete the worker's last batch with prediction = 2x, risk = x, score = x."""
+    batch_id, array, _ = worker.sent[-1]
+    batcher.complete(worker, batch_id, 0.001, ("ok", array * 2, array.copy(), array[:, 0].copy()))
+
+
+def test_free_worker_takes_a_lone_request_at_once_then_queued_ones_together() -> None:
+    async def scenario() -> None:
+        batcher = make()
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        first = batcher.submit(rows(1, 0))
+        assert len(worker.sent) == 1  # no waiting for company
+        later = [batcher.submit(rows(n, 10 * (i + 1))) for i, n in enumerate([3, 4, 2])]
+        assert len(worker.sent) == 1  # busy: they queue
+        answer(batcher, worker)
+        assert (await first)[0].tolist() == [[0.0]]
+        # the next batch takes 3 + 4 samples (the 2-sample request would exceed 8: it stays whole, for later)
+        assert worker.sent[-1][2] == [0, 3, 7]
+        answer(batcher, worker)
+        assert worker.sent[-1][2] == [0, 2]
+        answer(batcher, worker)
+        for i, (fut, n) in enumerate(zip(later, [3, 4, 2], strict=True)):
+            pred, risk, score = await fut
+            expected = rows(n, 10 * (i + 1))
+            np.testing.assert_array_equal(pred, expected * 2)
+            np.testing.assert_array_equal(risk, expected)
+            np.testing.assert_array_equal(score, expected[:, 0])
+        assert batcher.metrics.exec_count._value.get() == 3
+        assert batcher.metrics.count._value.get() == 10
+        assert batcher.pending_requests() == 0
+
+    run(scenario)
+
+
+def test_bounded_queue_and_no_worker() -> None:
+    async def scenario() -> None:
+        batcher = make(max_queue_size=2)
+        with pytest.raises(Unavailable, match="no worker is alive"):
+            batcher.submit(rows(1, 0))
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        batcher.submit(rows(1, 0))  # running
+        batcher.submit(rows(1, 1))
+        batcher.submit(rows(1, 2))
+        with pytest.raises(QueueFull, match="queue is full"):
+            batcher.submit(rows(1, 3))
+        assert batcher.pending_requests() == 3
+
+    run(scenario)
+
+
+def test_deadline_expires_queued_request() -> None:
+    async def scenario() -> None:
+        batcher = make(timeout_s=0.05)
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        running = batcher.submit(rows(1, 0))
+        queued = batcher.submit(rows(1, 1))
+        with pytest.raises(DeadlineExceeded):
+            await queued
+        assert not batcher.queue
+        with pytest.raises(DeadlineExceeded):
+            await running  # no answer within the deadline either
+        answer(batcher, worker)  # a late answer is dropped quietly
+        assert batcher.idle == [worker]
+
+    run(scenario)
+
+
+def test_dead_worker_batch_is_retried_once_elsewhere_else_503() -> None:
+    async def scenario() -> None:
+        batcher = make()
+        a, b = FakeWorker(1), FakeWorker(2)
+        batcher.add_worker(a)
+        fut = batcher.submit(rows(2, 0))
+        (busy,) = [w for w in (a,) if w.sent]
+        batcher.add_worker(b)
+        batcher.remove_worker(busy)  # died: retried on b
+        assert len(b.sent) == 1
+        batcher.remove_worker(b)  # died too: no second retry
+        with pytest.raises(Unavailable, match="died"):
+            await fut
+
+    run(scenario)
+
+
+def test_a_failing_request_fails_alone() -> None:
+    async def scenario() -> None:
+        batcher = make()
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        batcher.submit(rows(1, 0))
+        good = batcher.submit(rows(1, 1))
+        bad = batcher.submit(rows(1, 2))
+        answer(batcher, worker)
+        batch_id, array, _ = worker.sent[-1]
+        ok = (array[:1] * 2, array[:1], array[:1, 0])
+        batcher.complete(worker, batch_id, 0.001, ("split", [ok, "RuntimeError: boom"]))
+        assert (await good)[0].tolist() == [[2.0]]
+        with pytest.raises(ModelError, match="boom"):
+            await bad
+
+    run(scenario)
+
+
+def test_max_batch_delay_waits_for_a_fuller_batch() -> None:
+    async def scenario() -> None:
+        batcher = make(max_batch_delay_s=0.05, max_batch_size=4)
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        batcher.submit(rows(1, 0))
+        assert not worker.sent  # waits up to 50 ms for company
+        batcher.submit(rows(1, 1))
+        await asyncio.sleep(0.1)
+        assert worker.sent[-1][2] == [0, 1, 2]
+        answer(batcher, worker)
+        for i in range(4):  # a full batch goes at once
+            batcher.submit(rows(1, i))
+        assert worker.sent[-1][2] == [0, 1, 2, 3, 4]
+
+    run(scenario)
