@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -181,8 +182,30 @@ def test_deepcopy_keeps_working(kind: str) -> None:
     assert torch.equal(y, y2) and torch.equal(r, r2)
 
 
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """TF32 (PyTorch's default for cuDNN convolutions) rounds differently per algorithm, and cuDNN picks algorithms
+    by batch size: exact batch invariance on CUDA needs full float32, as the service's GPU workers use."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(kind: str, family: str) -> None:
+def test_cuda_eval_is_batch_invariant(kind: str, family: str, no_tf32: None) -> None:
+    model, x = build(family)
+    wrapped = WRAPPERS[kind]()(model).eval().to("cuda")
+    x = x.cuda()
+    with torch.inference_mode():
+        batch_y, batch_r = wrapped(x, return_risk=True)
+        for i in (0, 17, 63):
+            alone_y, alone_r = wrapped(x[i : i + 1], return_risk=True)
+            assert close(alone_y[0], batch_y[i]) and close(alone_r[0], batch_r[i])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(kind: str, family: str, no_tf32: None) -> None:
     model, x = build(family)
     wrapped = WRAPPERS[kind]()(model).eval()
     y, r = wrapped(x, return_risk=True)
