@@ -65,7 +65,12 @@ def create_app(settings: Settings) -> FastAPI:
         # sweeps: a full collection over it stalls the event loop for tens of milliseconds, a p99 killer.
         gc.collect()
         gc.freeze()
-        names = await manager.open()  # an unreadable registry fails the startup
+        try:
+            names = await manager.open()
+        except Exception as exc:  # an unreadable registry fails the startup (exit status 3)
+            log.error("cannot read the model repository", extra={"root": settings.model_repository,
+                                                                  "error": str(exc)})
+            raise
         startup = asyncio.get_running_loop().create_task(manager.start(names))
         log.info("server starting", extra={"model_repository": settings.model_repository,
                                            "devices": manager.devices})

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,12 +84,14 @@ class Batch:
     requests: list[Pending]
     offsets: list[int]
     started: float
+    watchdog: asyncio.TimerHandle | None = None
 
 
 class Batcher:
     """The queue, the free workers and the batches in flight of one model version."""
 
     _batch_ids = itertools.count(1)
+    stuck_grace_s = 5.0  # a batch running longer than 2 x timeout_s + this is reported to on_stuck
 
     def __init__(
         self,
@@ -98,8 +101,10 @@ class Batcher:
         max_queue_size: int,
         timeout_s: float,
         metrics: VersionMetrics,
+        on_stuck: Callable[[BatchWorker], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.on_stuck = on_stuck  # called with a worker whose batch outlives every deadline
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_size = max_queue_size
         self.timeout_s = timeout_s
@@ -134,6 +139,8 @@ class Batcher:
         self.idle = [w for w in self.idle if w is not worker]
         entry = self.busy.pop(worker.id, None)
         if entry is not None:
+            if entry[1].watchdog is not None:
+                entry[1].watchdog.cancel()
             retry: list[Pending] = []
             for pending in entry[1].requests:
                 if pending.future.done():
@@ -213,6 +220,9 @@ class Batcher:
             array = requests[0].array if len(requests) == 1 else np.concatenate([p.array for p in requests])
             worker = self.idle.pop()
             batch = Batch(next(self._batch_ids), requests, offsets, now)
+            if self.on_stuck is not None:
+                batch.watchdog = self._loop.call_later(2 * self.timeout_s + self.stuck_grace_s, self.on_stuck,
+                                                       worker)
             self.busy[worker.id] = (worker, batch)
             # a broken pipe means the worker is dying: its exit handler retries or fails the batch
             with contextlib.suppress(OSError, ValueError):
@@ -230,6 +240,8 @@ class Batcher:
             self._dispatch()
             return
         batch = entry[1]
+        if batch.watchdog is not None:
+            batch.watchdog.cancel()
         self.metrics.exec_count.inc()
         self.metrics.count.inc(batch.offsets[-1])
         self.metrics.compute_duration.observe(compute_s)
@@ -277,6 +289,8 @@ class Batcher:
             pending.queued = False
             self._fail(pending, Unavailable(reason))
         for _, batch in self.busy.values():
+            if batch.watchdog is not None:
+                batch.watchdog.cancel()
             for pending in batch.requests:
                 self._fail(pending, Unavailable(reason))
         self.busy.clear()

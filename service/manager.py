@@ -119,6 +119,7 @@ class ModelVersion:
             max_queue_size=int(config.max_queue_size),
             timeout_s=settings.request_timeout_s,
             metrics=self.metrics,
+            on_stuck=self._on_stuck,
         )
         instances = settings.workers_per_device or int(config.instances)
         self.slots = [(device, i) for device in devices for i in range(instances)]
@@ -197,6 +198,11 @@ class ModelVersion:
         self._settled.set()
         for other in list(self.workers.values()):
             other.kill()
+
+    def _on_stuck(self, worker: Any) -> None:
+        log.error("worker stuck on a batch past every deadline; killing it",
+                  extra={"model": self.name, "version": self.version, "pid": worker.pid})
+        worker.kill()
 
     def _on_exit(self, worker: WorkerProcess, exitcode: int | None) -> None:
         self.batcher.remove_worker(worker)

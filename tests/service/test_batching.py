@@ -160,3 +160,19 @@ def test_max_batch_delay_waits_for_a_fuller_batch() -> None:
         assert worker.sent[-1][2] == [0, 1, 2, 3, 4]
 
     run(scenario)
+
+
+def test_a_worker_stuck_past_every_deadline_is_reported() -> None:
+    async def scenario() -> None:
+        stuck: list[FakeWorker] = []
+        batcher = make(timeout_s=0.01, on_stuck=stuck.append)
+        batcher.stuck_grace_s = 0.05
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        fut = batcher.submit(rows(1, 0))
+        with pytest.raises(DeadlineExceeded):
+            await fut
+        await asyncio.sleep(0.2)  # the watchdog fires at 2 x timeout + grace
+        assert stuck == [worker]
+
+    run(scenario)
