@@ -106,6 +106,10 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             torch.set_num_threads(spec.torch_threads)
         elif device.type == "cuda":
             torch.cuda.set_device(device)
+            # Full float32: TF32 rounds differently per cuDNN/cuBLAS algorithm, and those are chosen by batch size,
+            # so with it a sample's result would depend on the batch dynamic batching put it in.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
         allowed = list(spec.allowed_modules) if spec.allowed_modules is not None else None
