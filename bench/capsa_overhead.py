@@ -56,7 +56,7 @@ def main() -> None:
         "sculpt": lambda: sculpt.Wrapper(),
         "vote (8 voters)": lambda: vote.Wrapper(n_voters=8),
         "sample (8 passes)": lambda: sample.Wrapper(n_samples=8),
-        "sample, last layer": lambda: sample.Wrapper(n_samples=8, noise_layers=1),
+        "sample, all hidden": lambda: sample.Wrapper(n_samples=8, noise_layers=99),
         "neo": lambda: neo.Wrapper(),
     }
     for name, factory, shape in [("MLP 64-256-256-1", mlp, (64,)), ("small CNN", cnn, (1, 28, 28))]:

@@ -163,9 +163,17 @@ class WrappedModel(nn.Module):
         with _fastpath_disabled(self._has_attention):
             if self._sites is None:
                 self._build(x, args, kwargs)
-            # Plain attribute writes: nn.Module.__setattr__ costs microseconds on every call.
-            state = self.__dict__["_state"] = _CallState(batch=x.shape[0], return_risk=return_risk)
-            out = self.model(x, *args, **kwargs)
+            prediction, risk = self._run(x, args, kwargs, return_risk)
+        return (prediction, risk) if return_risk else prediction
+
+    def _run(
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_risk: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One wrapped forward: the model with capsa's hooks active, then the wrapper's reduction."""
+        # Plain attribute writes: nn.Module.__setattr__ costs microseconds on every call.
+        state = self.__dict__["_state"] = _CallState(batch=x.shape[0], return_risk=return_risk)
+        try:
+            out = self.model(self._prepare_input(x, state), *args, **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(
                     f"capsa.{self.wrapper.name}: {type(self.model).__name__} returned {type(out).__name__}; "
@@ -177,9 +185,9 @@ class WrappedModel(nn.Module):
                         f"capsa.{self.wrapper.name}: layer {name!r} ran {state.fired.get(name, 0)} times in this "
                         "forward (expected once, as when the wrapper was built); the model's call graph changed"
                     )
-            prediction, risk = self._finish(out, state)
-        self.__dict__["_state"] = _CallState()
-        return (prediction, risk) if return_risk else prediction
+            return self._finish(out, state)
+        finally:
+            self.__dict__["_state"] = _CallState()
 
     # ----------------------------------------------------------------- wrapper-specific parts
     def _select_sites(self, calls: list[LayerCall]) -> list[str]:
@@ -205,6 +213,13 @@ class WrappedModel(nn.Module):
         """Turn the model's raw output into `(prediction, risk)`."""
         raise NotImplementedError
 
+    def _prepare_input(self, x: Tensor, state: _CallState) -> Tensor:
+        """The input the model sees (a wrapper may replicate it)."""
+        return x
+
+    def _settle(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], calls: list[LayerCall]) -> None:
+        """Last step of building, with the site hooks in place (a wrapper may probe the model here)."""
+
     # ----------------------------------------------------------------- building
     def _build(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         calls = self._trace(x, args, kwargs)
@@ -215,11 +230,25 @@ class WrappedModel(nn.Module):
                 self._check_state(by_name)
             else:
                 self._create_state(by_name)
-        for name in sites:
-            module = self.model.get_submodule(name)
-            module.register_forward_hook(functools.partial(self._counted_hook, name))
-        self._calls = by_name
-        self._sites = sites
+        self._sites, self._handles = [], []
+        try:
+            for name in sites:
+                self._hook(name)
+            self._calls = by_name
+            self._settle(x, args, kwargs, calls)
+        except Exception:
+            for handle in self._handles:
+                handle.remove()
+            self._sites = None
+            raise
+
+    def _hook(self, name: str) -> torch.utils.hooks.RemovableHandle:
+        """Route layer `name`'s forward through `_site_hook`, checked to run once per forward."""
+        module = self.model.get_submodule(name)
+        handle = module.register_forward_hook(functools.partial(self._counted_hook, name))
+        self._sites.append(name)
+        self._handles.append(handle)
+        return handle
 
     def _counted_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
         self._state.fired[name] = self._state.fired.get(name, 0) + 1
@@ -318,9 +347,14 @@ class WrappedModel(nn.Module):
         """Whether this wrapper always has capsa tensors in its state dict once built."""
         return True
 
+    def _apply(self, fn: Any, recurse: bool = True) -> WrappedModel:
+        self.__dict__["_param_cache"] = {}  # .to()/.half() may replace parameter objects
+        return super()._apply(fn, recurse)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, creating capsa's lazy tensors from the checkpoint if needed."""
         self._strict_load = strict  # torch hands its hooks strict=True whatever the caller asked
+        self.__dict__["_param_cache"] = {}  # assign=True replaces parameter objects
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as exc:
@@ -396,7 +430,16 @@ class OutputLayerModel(WrappedModel):
     def site_state(self, name: str) -> nn.ParameterDict:
         return getattr(self.capsa, self.group)[site_key(name)]
 
+    def site_params(self, name: str) -> dict[str, Tensor]:
+        """`site_state(name)` as a plain dict, cached: looking it up through the modules costs on every call."""
+        cache = self.__dict__.setdefault("_param_cache", {})
+        params = cache.get(name)
+        if params is None:
+            params = cache[name] = dict(self.site_state(name).items())
+        return params
+
     def _install(self, name: str, tensors: dict[str, Tensor]) -> None:
+        self.__dict__["_param_cache"] = {}
         params = {k: v if isinstance(v, nn.Parameter) else nn.Parameter(v) for k, v in tensors.items()}
         setattr(self.capsa, self.group, nn.ModuleDict({site_key(name): nn.ParameterDict(params)}))
 

@@ -1,6 +1,7 @@
-"""Epistemic risk from stochastic passes: noise after every hidden layer, several passes per prediction.
+"""Epistemic risk from stochastic passes: noise after hidden layers, several passes per prediction.
 
-The wrapper adds multiplicative noise (dropout by default) after each hidden Linear/ConvNd layer the model calls.
+The wrapper adds multiplicative noise (dropout by default) after the hidden Linear/ConvNd layers the model calls
+(by default every one but the first).
 Training uses the user's unchanged loss on ``wrapped(x)``: one stochastic pass per sample. Prediction runs
 ``n_samples`` passes as one batched computation, starting at the first noise site (the deterministic part before it
 runs once), and returns their mean as the prediction and their standard deviation as the risk.
@@ -86,20 +87,61 @@ class SampleModel(WrappedModel):
                 f"capsa.sample: {type(self.model).__name__} has no hidden Linear/ConvNd layer before its output layer "
                 f"{output.name!r} to add noise after"
             )
-        return hidden if self.wrapper.noise_layers is None else hidden[-self.wrapper.noise_layers :]
+        if self.wrapper.noise_layers is None:
+            return hidden[1:] or hidden
+        return hidden[-self.wrapper.noise_layers :]
 
     def _create_state(self, calls: dict[str, LayerCall]) -> None:
-        for index, name in enumerate(self._select_sites(list(calls.values()))):
+        sites = self._select_sites(list(calls.values()))
+        for index, name in enumerate(sites):
             module, call = self.model.get_submodule(name), calls[name]
             features = call.output_shape[feature_dim(module)]
             generator = torch.Generator().manual_seed(self.wrapper.seed * 100_003 + index)
             masks = self.wrapper.distribution.noise((self.wrapper.n_samples, features), generator=generator)
             weight = module.weight
             self.capsa.register_buffer(site_key(name), masks.to(weight.device, weight.dtype), persistent=False)
-        self._first_site = self._select_sites(list(calls.values()))[0]
+        self._noise_sites = set(sites)
 
     def _check_state(self, calls: dict[str, LayerCall]) -> None:
         self._create_state(calls)
+
+    def _settle(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], calls: list[LayerCall]) -> None:
+        """Choose where the passes fork: as late as possible, but before anything that later rejoins them.
+
+        Forking at the first noise site reuses the most computation, but a tensor computed before it that joins
+        later (a skip connection) would still have one copy per sample. So candidates are tried from the first
+        noise site back towards the input, on a probe batch of two samples, and the first that runs is kept.
+        """
+        first = self._sites[0]
+        before = [c.name for c in calls[: [c.name for c in calls].index(first)]]
+        candidates: list[str | None] = [first]
+        candidates += [n for n in reversed(before) if self._trace_counts[n] == 1 and n not in candidates]
+        candidates.append(None)  # the model's input
+        probe = x if (x.shape[0] > 1 or args or kwargs) else torch.cat([x, x])
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        failure: Exception | None = None
+        try:
+            for candidate in candidates:
+                self._fork_at = candidate
+                extra = self._hook(candidate) if candidate is not None and candidate not in self._sites else None
+                try:
+                    with torch.no_grad():
+                        self._run(probe, args, kwargs, return_risk=True)
+                    return
+                except (RuntimeError, ValueError) as exc:
+                    failure = exc
+                    if extra is not None:
+                        extra.remove()
+                        self._sites.pop()
+                        self._handles.pop()
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        raise ValueError(
+            f"capsa.sample: {type(self.model).__name__} does not run with its batch replicated for "
+            f"{self.wrapper.n_samples} passes, neither from a layer nor from its input: {failure}"
+        ) from failure
 
     def _needs_state(self) -> bool:
         return False
@@ -108,12 +150,22 @@ class SampleModel(WrappedModel):
         keys = sorted("capsa." + k for k in shapes)
         raise RuntimeError(f"capsa.sample keeps no tensors in its state dict, but the checkpoint has {keys}")
 
+    def _passes(self, state: _CallState) -> int:
+        return self.wrapper.n_samples if (state.return_risk or not self.training) else 1
+
+    def _prepare_input(self, x: Tensor, state: _CallState) -> Tensor:
+        passes = self._passes(state)
+        if self._fork_at is None and passes > 1:
+            return x.repeat(passes, *([1] * (x.dim() - 1)))
+        return x
+
     def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        state, batch = self._state, self._state.batch
-        passes = self.wrapper.n_samples if (state.return_risk or not self.training) else 1
-        if name == self._first_site:
+        batch, passes = self._state.batch, self._passes(self._state)
+        if name == self._fork_at:
             self._require_batch_first(name, output, batch)
             output = output.unsqueeze(0)  # the noise below broadcasts it to every pass, no copy before that
+            if name not in self._noise_sites:
+                return output.expand(passes, *output.shape[1:]).reshape(passes * batch, *output.shape[2:])
         elif output.dim() == 0 or output.shape[0] != passes * batch:
             raise ValueError(
                 f"capsa.sample: layer {name!r} sees leading dim {output.shape[0] if output.dim() else None}, "
@@ -135,7 +187,7 @@ class SampleModel(WrappedModel):
         return output.reshape(passes * batch, *output.shape[2:])
 
     def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
-        passes = self.wrapper.n_samples if (state.return_risk or not self.training) else 1
+        passes = self._passes(state)
         members = out.reshape(passes, state.batch, *out.shape[1:])
         if passes == 1:
             return members[0], torch.zeros_like(members[0])
@@ -148,8 +200,9 @@ class Wrapper(_wrapper.Wrapper):
     Args:
         n_samples: passes per prediction, at least 2 (default 8).
         distribution: the noise: `Bernoulli(p)` (dropout, default p=0.1) or `Gaussian(sigma)`.
-        noise_layers: how many hidden layers, counted back from the output layer, get noise (default None: all).
-            Fewer noise layers mean a longer deterministic prefix that runs once instead of `n_samples` times.
+        noise_layers: how many hidden layers, counted back from the output layer, get noise. Default None: every
+            hidden layer but the first (the one nearest the input, and for CNNs the costliest to repeat), or the
+            only one. The deterministic prefix before the first noise site runs once instead of `n_samples` times.
         seed: seed of the fixed noise masks used in eval mode (default 0).
         task: ``"regression"`` or ``"classification"`` (logits in, risk = spread of class probabilities).
         class_dim: dimension of the classes in the model's output, for classification (default -1).

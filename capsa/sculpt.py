@@ -45,7 +45,7 @@ class SculptModel(OutputLayerModel):
         return params
 
     def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        raw = apply_layer(module, args[0], dict(self.site_state(name).items()))
+        raw = apply_layer(module, args[0], self.site_params(name))
         self._state.extra["scale"] = F.softplus(raw) + self.wrapper.min_scale
 
     def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:

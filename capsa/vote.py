@@ -39,7 +39,7 @@ class VoteModel(OutputLayerModel):
     def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         x = args[0]
         self._require_batch_first(name, x, self._state.batch)
-        others = apply_stacked(module, x, dict(self.site_state(name).items()))
+        others = apply_stacked(module, x, self.site_params(name))
         voters = torch.cat([output.unsqueeze(0), others])
         return voters.reshape(-1, *output.shape[1:])
 

@@ -363,3 +363,41 @@ def test_checkpoint_key_order_does_not_matter(kind: str) -> None:
     restored.load_state_dict(shuffled)
     for a, b in zip(expected, restored.eval()(x, return_risk=True), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+class InputSkip(nn.Module):
+    """A residual from the raw input: the passes cannot fork after any layer, only at the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_sample_forks_passes_before_skip_connections_rejoin() -> None:
+    model, x = build("cnn")  # the first noise site sits inside a residual block
+    wrapped = sample.Wrapper()(model).eval()
+    y, risk = wrapped(x, return_risk=True)
+    assert wrapped._fork_at == "stem.0"  # the stem runs once, the block's skip path carries every pass
+    skip = sample.Wrapper(noise_layers=2)(InputSkip()).eval()
+    xs = torch.randn(5, 4)
+    y, risk = skip(xs, return_risk=True)
+    assert skip._fork_at is None and y.shape == risk.shape == (5, 1) and risk.max() > 0
+    alone_y, alone_r = skip(xs[2:3], return_risk=True)
+    assert close(alone_y[0], y[2]) and close(alone_r[0], risk[2])
+
+
+def test_loading_with_assign_and_changing_dtype_take_effect(kind: str) -> None:
+    model, x = build("mlp")
+    source = WRAPPERS[kind]()(model).eval()
+    expected = source(x, return_risk=True)
+    target = WRAPPERS[kind]()(build("mlp")[0]).eval()
+    _ = target(x)  # built (and any per-layer lookups cached) before the load
+    target.load_state_dict(source.state_dict(), assign=True)
+    for a, b in zip(expected, target(x, return_risk=True), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    doubled = target.double()(x.double(), return_risk=True)
+    for a, b in zip(expected, doubled, strict=True):
+        assert b.dtype == torch.float64 and torch.allclose(a.double(), b, atol=1e-5)
