@@ -84,7 +84,7 @@ def test_every_capsa_variable_is_a_setting(rendered: dict[str, list[dict[str, An
         for name in env:
             if name.startswith(_env_prefix()):
                 assert name in known, f"{place} sets {name}, which service.settings.Settings does not read"
-    files = [DOCKERFILE, ROOT / ".dockerignore", *(p for p in DEPLOY.rglob("*") if p.is_file())]
+    files = [DOCKERFILE, ROOT / ".dockerignore", ROOT / "README.md", *(p for p in DEPLOY.rglob("*") if p.is_file())]
     for path in files:
         for name in set(re.findall(r"\bCAPSA_[A-Z0-9_]+\b", path.read_text(errors="replace"))):
             assert name in known, f"{path.relative_to(ROOT)} mentions {name}, which is not a setting"
@@ -216,8 +216,8 @@ def test_healthcheck_port_is_the_setting() -> None:
 
 
 def test_readme_names_real_paths() -> None:
-    """deploy/README.md points at files that exist."""
-    readme = (DEPLOY / "README.md").read_text()
+    """README.md points at deploy and test files that exist."""
+    readme = (ROOT / "README.md").read_text()
     for path in set(re.findall(r"`((?:deploy|tests)/[\w./-]+)`", readme)):
-        assert (ROOT / path.rstrip(".")).exists(), f"deploy/README.md names {path}, which does not exist"
+        assert (ROOT / path.rstrip(".")).exists(), f"README.md names {path}, which does not exist"
     assert Path(ROOT / "Dockerfile").is_file()

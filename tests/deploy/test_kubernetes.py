@@ -192,7 +192,7 @@ def test_secrets_by_reference_only(rendered: dict[str, list[dict[str, Any]]], ov
     for key in _configmap(rendered[overlay]):
         assert not SENSITIVE_ENV.search(key), f"ConfigMap key {key} looks like a secret"
     # The README tells operators which Secrets to create.
-    readme = (K8S.parent / "README.md").read_text()
+    readme = (K8S.parents[1] / "README.md").read_text()
     for env in container.get("env", []):
         if "secretKeyRef" in env.get("valueFrom", {}):
             assert env["valueFrom"]["secretKeyRef"]["name"] in readme
