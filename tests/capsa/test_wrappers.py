@@ -401,3 +401,25 @@ def test_loading_with_assign_and_changing_dtype_take_effect(kind: str) -> None:
     doubled = target.double()(x.double(), return_risk=True)
     for a, b in zip(expected, doubled, strict=True):
         assert b.dtype == torch.float64 and torch.allclose(a.double(), b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "members"),
+    [(lambda: vote.Wrapper(n_voters=6), 6), (lambda: sample.Wrapper(n_samples=6), 6)],
+)
+def test_shared_prefix_runs_once_and_members_run_batched(make, members: int) -> None:  # noqa: ANN001
+    model = archs.mlp(in_features=8, hidden=16, depth=3)  # Linear layers at 0, 2, 4 and the output at 6
+    wrapped = make()(model).eval()
+    seen: dict[str, list[int]] = {}
+    for name in ("0", "2", "4", "6"):
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.setdefault(name, []).append(args[0].shape[0])
+        )
+    _ = wrapped(torch.randn(5, 8), return_risk=True)
+    seen.clear()
+    _ = wrapped(torch.randn(5, 8), return_risk=True)
+    assert seen["0"] == [5]  # the input layer runs once, for the batch alone
+    if isinstance(wrapped, vote.VoteModel):
+        assert seen["2"] == seen["4"] == seen["6"] == [5]  # trunk shared; voters computed inside one call
+    else:  # passes fork after layer 0 (the first noise site is layer 2) and run as one batch of 6 x 5
+        assert seen["2"] == [5] and seen["4"] == seen["6"] == [members * 5]
