@@ -407,7 +407,7 @@ def test_loading_with_assign_and_changing_dtype_take_effect(kind: str) -> None:
     ("make", "members"),
     [(lambda: vote.Wrapper(n_voters=6), 6), (lambda: sample.Wrapper(n_samples=6), 6)],
 )
-def test_shared_prefix_runs_once_and_members_run_batched(make, members: int) -> None:  # noqa: ANN001
+def test_shared_prefix_runs_once_and_members_run_batched(make, members: int) -> None:
     model = archs.mlp(in_features=8, hidden=16, depth=3)  # Linear layers at 0, 2, 4 and the output at 6
     wrapped = make()(model).eval()
     seen: dict[str, list[int]] = {}
