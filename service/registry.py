@@ -205,13 +205,15 @@ class Registry:
         """The validated ``capsa.json`` of a version (`BundleError` if invalid, `RegistryError` if missing)."""
         check_name(name)
         check_version(version)
+        return parse_manifest(self._manifest_bytes(name, version), source=self._url(name, version))
+
+    def _manifest_bytes(self, name: str, version: int) -> bytes:
         try:
-            data = self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
+            return self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
         except FileNotFoundError:
             raise RegistryError(f"{self.root}: model {name!r} has no version {version}") from None
         except OSError as exc:
             raise RegistryError(f"{self._url(name, version, MANIFEST_FILE)}: cannot read: {exc}") from exc
-        return parse_manifest(data, source=self._url(name, version))
 
     def _problem(self, name: str, version: int, files: dict[str, int], config: ModelConfig) -> str:
         """Why a present version cannot be served ('' if it looks servable). Cheap: no weights are read."""
@@ -293,12 +295,7 @@ class Registry:
     def _download(self, name: str, version: int) -> Path:
         self._fresh()
         source = self._url(name, version)
-        try:
-            manifest_bytes = self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
-        except FileNotFoundError:
-            raise RegistryError(f"{self.root}: model {name!r} has no version {version}") from None
-        except OSError as exc:
-            raise RegistryError(f"{source}: cannot read {MANIFEST_FILE}: {exc}") from exc
+        manifest_bytes = self._manifest_bytes(name, version)
         try:
             manifest = parse_manifest(manifest_bytes, source=source)
         except BundleError as exc:
