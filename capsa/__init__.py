@@ -1,13 +1,27 @@
 """capsa: risk-aware wrappers for any PyTorch model.
 
 ``wrapped = capsa.vote.Wrapper(n_voters=5)(model)``; ``y, risk = wrapped(x, return_risk=True)``.
+
+Names are imported on first use, so that torch-free parts (``capsa.manifest``) load without torch.
 """
 
-from capsa import neo, sample, sculpt, vote
-from capsa._wrapper import WrappedModel, Wrapper, from_spec, is_wrapped
-from capsa.bundle import BundleError, load_bundle, save_bundle
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_SUBMODULES = {"neo", "sample", "sculpt", "vote", "bundle", "manifest"}
+_NAMES = {
+    "WrappedModel": "capsa._wrapper",
+    "Wrapper": "capsa._wrapper",
+    "from_spec": "capsa._wrapper",
+    "is_wrapped": "capsa._wrapper",
+    "BundleError": "capsa.manifest",
+    "load_bundle": "capsa.bundle",
+    "save_bundle": "capsa.bundle",
+}
 
 __all__ = [
     "BundleError",
@@ -23,3 +37,23 @@ __all__ = [
     "sculpt",
     "vote",
 ]
+
+if TYPE_CHECKING:
+    from capsa import neo, sample, sculpt, vote
+    from capsa._wrapper import WrappedModel, Wrapper, from_spec, is_wrapped
+    from capsa.bundle import load_bundle, save_bundle
+    from capsa.manifest import BundleError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"capsa.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'capsa' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,6 +12,7 @@ checkpoint can also create them before any call, from the shapes it holds.
 from __future__ import annotations
 
 import functools
+import importlib
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 __all__ = ["LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
 
 _REGISTRY: dict[str, type[Wrapper]] = {}
+_BUILTIN_WRAPPERS = ("capsa.neo", "capsa.sample", "capsa.sculpt", "capsa.vote")
 #: User models that carry a wrapper's hooks: wrapping one again would run both wrappers' hooks.
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
@@ -61,6 +63,8 @@ def from_spec(spec: Mapping[str, Any]) -> Wrapper:
     """Rebuild a wrapper from `Wrapper.to_spec()` output; raises `ValueError` naming what is wrong."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"capsa spec must be a JSON object, got {type(spec).__name__}")
+    for builtin in _BUILTIN_WRAPPERS:  # register them (capsa imports its modules lazily)
+        importlib.import_module(builtin)
     options = dict(spec)
     name = options.pop("wrapper", None)
     version = options.pop("version", None)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from capsa.bundle import BundleManifest, TensorSpec, inspect_bundle, load_bundle, read_manifest
+from capsa.bundle import DATATYPES, BundleManifest, TensorSpec, inspect_bundle, load_bundle, read_manifest
 
 
 def _fmt_specs(specs: list[dict[str, Any]]) -> str:
@@ -62,15 +62,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _dummy(spec: TensorSpec, batch: int, generator: torch.Generator) -> torch.Tensor:
     """A batch matching an input spec: random normal floats, zeros for integers and booleans."""
     shape = [batch, *(d if d >= 0 else 3 for d in spec.shape[1:])]
-    if spec.dtype.is_floating_point:
-        return torch.randn(shape, generator=generator).to(spec.dtype)
-    return torch.zeros(shape, dtype=spec.dtype)
+    dtype = DATATYPES[spec.datatype]
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.zeros(shape, dtype=dtype)
 
 
 def _check_output(what: str, tensor: Any, spec: TensorSpec, batch: int) -> str:
     if not isinstance(tensor, torch.Tensor):
         return f"{what} is a {type(tensor).__name__}, not a tensor"
-    if tensor.dtype != spec.dtype:
+    if tensor.dtype != DATATYPES[spec.datatype]:
         return f"{what} has dtype {tensor.dtype}, the signature says {spec.datatype}"
     expected = [batch, *spec.shape[1:]]
     if len(expected) != tensor.dim() or any(e not in (-1, a) for e, a in zip(expected, tensor.shape, strict=True)):

@@ -30,7 +30,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from capsa.bundle import (
+from capsa.manifest import (
     ARCHITECTURE_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,

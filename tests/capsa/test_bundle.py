@@ -34,6 +34,7 @@ from capsa.bundle import (
     read_manifest,
     save_bundle,
 )
+from capsa.manifest import DATATYPE_NAMES
 from tests.fixtures import archs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,11 +306,12 @@ def test_state_dict_key_order_survives(round_trip: dict[str, Any]) -> None:
 def test_token_bundle_records_int64_input(round_trip: dict[str, Any]) -> None:
     manifest = read_manifest(round_trip["base"] / "vote-classification-tokens" / "bundle")
     assert [s.model_dump() for s in manifest.inputs] == [{"name": "input", "datatype": "INT64", "shape": [-1, 5]}]
-    assert manifest.outputs[0].shape == [-1, 3] and manifest.outputs[0].dtype == torch.float32
+    assert manifest.outputs[0].shape == [-1, 3] and DATATYPES[manifest.outputs[0].datatype] == torch.float32
 
 
 def test_datatypes() -> None:
     assert set(DATATYPES) == {"FP32", "FP64", "FP16", "BF16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"}
+    assert set(DATATYPES) == set(DATATYPE_NAMES)
     for name, dtype in DATATYPES.items():
         assert datatype_of(dtype) == name
     with pytest.raises(ValueError, match="no V2 datatype"):

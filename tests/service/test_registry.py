@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -406,3 +408,9 @@ def test_concurrent_publish_and_read_s3(tmp_path: Path, s3_bucket: tuple[str, di
     assert all("has no version" in m or "changed during" in m for m in outcome["absent"])
     assert outcome["loads"] > 0
     assert registry.versions("m") == list(range(1, 7))
+
+
+def test_reading_a_registry_does_not_import_torch() -> None:
+    """The HTTP process reads the registry; torch and model code belong to the workers alone."""
+    code = "import sys, service.app, service.registry; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
