@@ -140,7 +140,6 @@ class WrappedModel(nn.Module):
         self.capsa = nn.Module()
         self.__dict__["wrapper"] = wrapper
         self._sites: list[str] | None = None
-        self._calls: dict[str, LayerCall] = {}
         self._state = _CallState()
         self._strict_load = True
         self._has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
@@ -238,7 +237,6 @@ class WrappedModel(nn.Module):
         try:
             for name in sites:
                 self._hook(name)
-            self._calls = by_name
             self._settle(x, args, kwargs, calls)
         except Exception:
             for handle in self._handles:
@@ -294,7 +292,6 @@ class WrappedModel(nn.Module):
         for c in calls:
             counts[c.name] = counts.get(c.name, 0) + 1
         self._trace_counts = counts
-        self._trace_output_shape = out.shape
         return calls
 
     def _output_layer(self, calls: list[LayerCall]) -> LayerCall:
