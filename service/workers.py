@@ -1,10 +1,10 @@
 """Worker processes: each loads one model version with ``capsa.load_bundle`` on one device and runs batches.
 
 The HTTP process never runs model code. It talks to each worker over a ``multiprocessing`` Pipe: one message per
-batch each way, carrying one contiguous numpy array (pickle protocol 5; large arrays go out-of-band as raw frames,
-so nothing is copied per sample). The asyncio side reads replies with ``loop.add_reader`` on the connection's file
-descriptor, so there is no thread hop, and watches the process sentinel to notice a worker that died (crash, OOM,
-``kill -9``) even while it is idle.
+batch each way, carrying one contiguous numpy array (a JSON header plus raw bytes, no pickle; large arrays go
+out-of-band as raw frames, so nothing is copied per sample). The asyncio side reads replies with
+``loop.add_reader`` on the connection's file descriptor, so there is no thread hop, and watches the process
+sentinel to notice a worker that died (crash, OOM, ``kill -9``) even while it is idle.
 """
 
 from __future__ import annotations
@@ -15,45 +15,95 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import orjson
 
 log = logging.getLogger("capsa.serve.workers")
 
-_INBAND_LIMIT = 64 * 1024  # buffers smaller than this travel inside the pickle (one write instead of several)
-_COUNT = struct.Struct("<I")
+_INBAND_LIMIT = 64 * 1024  # arrays smaller than this travel in the message's one frame (one write)
+_HEAD = struct.Struct("<II")  # JSON header length, number of out-of-band array frames
+_ARRAY = "__ndarray__"
+
+
+def _encode(obj: Any, arrays: list[np.ndarray]) -> Any:
+    """JSON-able form of a message: arrays become placeholders, their bytes travel beside the JSON."""
+    if isinstance(obj, np.ndarray):
+        array = np.ascontiguousarray(obj)
+        arrays.append(array)
+        return {_ARRAY: [array.dtype.str, list(array.shape), array.nbytes]}
+    if isinstance(obj, (tuple, list)):
+        return [_encode(item, arrays) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _encode(value, arrays) for key, value in obj.items()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _decode(obj: Any, buffers: Iterator[memoryview | bytes | bytearray]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(item, buffers) for item in obj]
+    if isinstance(obj, dict):
+        if _ARRAY in obj:
+            dtype, shape, _ = obj[_ARRAY]
+            return np.frombuffer(next(buffers), dtype=np.dtype(dtype)).reshape(shape)
+        return {key: _decode(value, buffers) for key, value in obj.items()}
+    return obj
+
+
+def _array_specs(obj: Any) -> Iterator[list[Any]]:
+    if isinstance(obj, list):
+        for item in obj:
+            yield from _array_specs(item)
+    elif isinstance(obj, dict):
+        if _ARRAY in obj:
+            yield obj[_ARRAY]
+        else:
+            for value in obj.values():
+                yield from _array_specs(value)
 
 
 def send_message(conn: Connection, obj: Any) -> None:
-    """Send ``obj`` as a pickle-5 frame, followed by one raw frame per large buffer (out-of-band)."""
-    buffers: list[pickle.PickleBuffer] = []
+    """Send ``obj`` (tuples, lists, dicts, scalars, strings, numpy arrays) without pickle.
 
-    def keep_small(buf: pickle.PickleBuffer) -> bool:
-        if buf.raw().nbytes < _INBAND_LIMIT:
-            return True
-        buffers.append(buf)
-        return False
-
-    head = pickle.dumps(obj, protocol=5, buffer_callback=keep_small)
-    conn.send_bytes(_COUNT.pack(len(buffers)) + head)
-    for buf in buffers:
-        conn.send_bytes(buf.raw())
+    One frame holds a JSON header with the arrays' dtypes and shapes, followed by their raw bytes when they are small;
+    large arrays follow as one raw frame each, so nothing large is copied. Tuples arrive as lists.
+    """
+    arrays: list[np.ndarray] = []
+    head = orjson.dumps(_encode(obj, arrays))
+    views = [memoryview(a).cast("B") for a in arrays]
+    if sum(v.nbytes for v in views) < _INBAND_LIMIT:
+        conn.send_bytes(b"".join([_HEAD.pack(len(head), 0), head, *views]))
+        return
+    conn.send_bytes(_HEAD.pack(len(head), len(views)) + head)
+    for view in views:
+        conn.send_bytes(view)
 
 
 def recv_message(conn: Connection) -> Any:
     """Receive one message sent by :func:`send_message` (raises EOFError when the peer is gone)."""
-    frame = conn.recv_bytes()
-    (count,) = _COUNT.unpack_from(frame)
-    buffers = [bytearray(conn.recv_bytes()) for _ in range(count)]
-    return pickle.loads(memoryview(frame)[_COUNT.size :], buffers=buffers)
+    frame = memoryview(conn.recv_bytes())
+    length, count = _HEAD.unpack_from(frame)
+    body = orjson.loads(frame[_HEAD.size : _HEAD.size + length])
+    if count:  # large arrays: received straight into writable buffers of the right size
+        buffers: list[memoryview | bytes | bytearray] = []
+        for _dtype, _shape, nbytes in _array_specs(body):
+            buffers.append(bytearray(nbytes))
+            conn.recv_bytes_into(buffers[-1])
+    else:
+        buffers, offset = [], _HEAD.size + length
+        for _dtype, _shape, nbytes in _array_specs(body):
+            buffers.append(frame[offset : offset + nbytes])
+            offset += nbytes
+    return _decode(body, iter(buffers))
 
 
 @dataclass(frozen=True)
