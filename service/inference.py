@@ -6,9 +6,11 @@ the FastAPI routes and the pure-ASGI fast path of :mod:`service.fastpath`.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,10 +85,8 @@ async def v2_infer(manager: ModelManager, settings: Settings, ctx: dict[str, Any
 
     ``ctx["request_id"]`` is set to the request's ``id`` when it has one (for the access log).
     """
-    start = time.perf_counter()
     mv = lookup(manager, name, version)
-    ok = False
-    try:
+    with _accounted(mv):
         try:
             req = decode_infer_request(body, int(header_length) if header_length is not None else None)
         except ValueError as exc:  # ProtocolError, or a malformed Inference-Header-Content-Length
@@ -111,22 +111,14 @@ async def v2_infer(manager: ModelManager, settings: Settings, ctx: dict[str, Any
         pred, risk, score, flagged = await _run(mv, mv.input.name, datatype, array, threshold,
                                                 settings.retry_after_s)
         tensors = {"prediction": pred, "risk": risk, "risk_score": score, "flagged": flagged}
-        result = encode_infer_response(mv.name, mv.version_str, req.id,
-                                       [(n, tensors[n], binary) for n, binary in wanted])
-        ok = True
-        return result
-    except ProtocolError as exc:
-        raise ApiError(400, str(exc)) from None
-    finally:
-        _account(mv, start, ok)
+        return encode_infer_response(mv.name, mv.version_str, req.id,
+                                     [(n, tensors[n], binary) for n, binary in wanted])
 
 
 async def v1_predict(manager: ModelManager, settings: Settings, name: str, body: bytes) -> bytes:
     """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``."""
-    start = time.perf_counter()
     mv = lookup(manager, name, None)
-    ok = False
-    try:
+    with _accounted(mv):
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -146,16 +138,20 @@ async def v1_predict(manager: ModelManager, settings: Settings, name: str, body:
         result = {"predictions": pred, "risk": risk, "risk_score": score}
         if flagged is not None:
             result["flagged"] = flagged
-        content = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@contextlib.contextmanager
+def _accounted(mv: ModelVersion) -> Iterator[None]:
+    """Count the request as a success or failure of its model version, time it, and answer 400 to bad input."""
+    start = time.perf_counter()
+    ok = False
+    try:
+        yield
         ok = True
-        return content
     except ProtocolError as exc:
         raise ApiError(400, str(exc)) from None
     finally:
-        _account(mv, start, ok)
-
-
-def _account(mv: ModelVersion, start: float, ok: bool) -> None:
-    m = mv.metrics
-    (m.success if ok else m.failure).inc()
-    m.request_duration.observe(time.perf_counter() - start)
+        m = mv.metrics
+        (m.success if ok else m.failure).inc()
+        m.request_duration.observe(time.perf_counter() - start)

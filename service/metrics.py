@@ -38,9 +38,8 @@ class VersionMetrics:
 
     def observe_risk(self, scores: np.ndarray) -> None:
         """Record served per-sample risk scores (non-finite ones are skipped)."""
-        for value in scores.tolist():
-            if value == value and value not in (float("inf"), float("-inf")):
-                self.risk_score.observe(value)
+        for value in scores[np.isfinite(scores)].tolist():
+            self.risk_score.observe(value)
 
 
 class Metrics:
