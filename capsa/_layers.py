@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,18 +48,13 @@ def apply_stacked(module: nn.Module, x: Tensor, stacked: dict[str, Tensor]) -> T
 
 def fresh_copies(module: nn.Module, n: int) -> dict[str, Tensor]:
     """Parameters of `n` freshly initialised copies of `module`, stacked along a new leading dim."""
-    copies = []
-    for _ in range(n):
-        params = {k: torch.empty_like(v) for k, v in layer_params(module).items()}
-        clone = _reinitialised(module, params)
-        copies.append(clone)
+    copies = [_reinitialised(module, {k: torch.empty_like(v) for k, v in layer_params(module).items()})
+              for _ in range(n)]
     return {k: torch.stack([c[k] for c in copies]) for k in copies[0]}
 
 
 def _reinitialised(module: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Initialise `params` the way `module.reset_parameters` would, without touching the module."""
-    import copy
-
     shadow = copy.copy(module)
     shadow._parameters = {k: nn.Parameter(v, requires_grad=False) for k, v in params.items()}
     shadow.reset_parameters()

@@ -33,27 +33,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from capsa._wrapper import WrappedModel
-
-__all__ = [
-    "ARCHITECTURE_FILE",
-    "DATATYPES",
-    "FORMAT_VERSION",
-    "MANIFEST_FILE",
-    "WEIGHTS_FILE",
-    "BundleError",
-    "BundleManifest",
-    "TensorSpec",
-    "architecture_allowed",
-    "check_bundle",
-    "datatype_of",
-    "inspect_bundle",
-    "load_bundle",
-    "parse_manifest",
-    "read_manifest",
-    "save_bundle",
-]
 from capsa.manifest import (
     _ARCH_RE,
     ARCHITECTURE_FILE,
@@ -75,7 +54,29 @@ from capsa.manifest import (
     read_manifest,
 )
 
-#: KServe V2 datatype names and the torch dtypes they map to (the server decodes requests with this).
+if TYPE_CHECKING:
+    from capsa._wrapper import WrappedModel
+
+__all__ = [
+    "ARCHITECTURE_FILE",
+    "DATATYPES",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "BundleError",
+    "BundleManifest",
+    "TensorSpec",
+    "architecture_allowed",
+    "check_bundle",
+    "datatype_of",
+    "inspect_bundle",
+    "load_bundle",
+    "parse_manifest",
+    "read_manifest",
+    "save_bundle",
+]
+
+#: The torch dtype of each KServe V2 datatype a signature may name.
 DATATYPES: dict[str, torch.dtype] = {  # keys: DATATYPE_NAMES
     "FP32": torch.float32,
     "FP64": torch.float64,
