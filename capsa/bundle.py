@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -46,9 +47,11 @@ from capsa.manifest import (
     TensorSpec,
     _BundleDir,
     _check_weights,
+    _describe,
     _normalise_allowed,
     _safetensors_header,
     architecture_allowed,
+    architecture_refusal,
     check_bundle,
     parse_manifest,
     read_manifest,
@@ -178,12 +181,43 @@ def _exec_local_architecture(code: bytes, file: Path) -> Any:
     return module
 
 
-def _resolve_factory(module: Any, attribute: str) -> Callable[..., Any]:
-    obj = module
-    for part in attribute.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{attribute!r} is a {type(obj).__name__}, not a class or function")
+def _factory_refusal(
+    obj: Any, architecture: str, allowed_modules: Iterable[str] | str | None, *, local_name: str | None = None
+) -> str:
+    """Why an imported factory may not be called ('' if it may): it must be a class or a Python function whose
+    ``__module__`` is itself allowed (so an allowed module cannot re-export ``os.system``); a class must be an
+    ``nn.Module`` subclass. ``local_name`` is the unique module name bundle-local code was executed under."""
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        return f"architecture {architecture!r}: the factory is a {type(obj).__name__}, not a class or function"
+    defined_in = getattr(obj, "__module__", None)
+    if not isinstance(defined_in, str):
+        return f"architecture {architecture!r}: the factory has no defining module"
+    if local_name is not None and defined_in == local_name:
+        defined_in = LOCAL_MODULE
+    entries = _normalise_allowed(allowed_modules)
+    prefixes = None if entries is None else [e.partition(":")[0] for e in entries]
+    if not architecture_allowed(defined_in, prefixes):
+        return (
+            f"architecture {architecture!r} is not allowed: the factory is defined in {defined_in!r}, which is "
+            f"outside {_describe(entries, 'allowed_modules')}"
+        )
+    if inspect.isclass(obj) and not issubclass(obj, nn.Module):
+        return f"architecture {architecture!r}: the factory is the class {obj.__name__}, not an nn.Module"
+    return ""
+
+
+class _Refused(Exception):
+    """An imported factory the allow-list refuses to call (the message says why)."""
+
+
+def _resolve_factory(
+    module: Any, architecture: str, allowed: list[str] | None, *, local_name: str | None = None
+) -> Callable[..., Any]:
+    """The factory named by ``architecture`` (one plain name, already checked), if it may be called."""
+    obj = getattr(module, architecture.partition(":")[2])
+    problem = _factory_refusal(obj, architecture, allowed, local_name=local_name)
+    if problem:
+        raise _Refused(problem)
     return obj
 
 
@@ -294,7 +328,7 @@ def save_bundle(
     match = _ARCH_RE.match(architecture) if isinstance(architecture, str) else None
     if not match:
         raise ValueError(f"save_bundle: architecture {architecture!r} is not of the form 'package.module:factory'")
-    module_name, attribute = match.groups()
+    module_name = match.group(1)
     kwargs = _json_object("save_bundle: kwargs", kwargs)
     metadata = _json_object("save_bundle: metadata", metadata)
 
@@ -311,12 +345,18 @@ def save_bundle(
             raise ValueError(f"save_bundle: cannot read architecture_file {architecture_file}: {exc}") from None
     elif module_name == LOCAL_MODULE:
         raise ValueError(f"save_bundle: architecture {architecture!r} names bundle-local code; pass architecture_file")
+    refusal = architecture_refusal(architecture, None)  # what load_bundle would refuse by default
+    if refusal:
+        raise ValueError(f"save_bundle: {refusal}")
     try:
         if architecture_file is not None:
             module = _exec_local_architecture(code, Path(architecture_file).resolve())
         else:
             module = importlib.import_module(module_name)
-        factory = _resolve_factory(module, attribute)
+        local = module.__name__ if architecture_file is not None else None
+        factory = _resolve_factory(module, architecture, None, local_name=local)
+    except _Refused as exc:
+        raise ValueError(f"save_bundle: {exc}") from None
     except Exception as exc:
         raise ValueError(
             f"save_bundle: cannot import architecture {architecture!r}: {type(exc).__name__}: {exc}"
@@ -412,11 +452,9 @@ def load_bundle(
         raise BundleError(f"{source}: {exc}") from None
     with _BundleDir(path) as bundle:
         manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=source)
-        if not architecture_allowed(manifest.module, allowed):
-            raise BundleError(
-                f"{source}: architecture {manifest.architecture!r} is not allowed: module {manifest.module!r} is "
-                f"outside allowed_modules {allowed} (nothing of it was imported)"
-            )
+        refusal = architecture_refusal(manifest.architecture, allowed)
+        if refusal:
+            raise BundleError(f"{source}: {refusal} (nothing of it was imported)")
         weights = bundle.read(WEIGHTS_FILE)
         code = bundle.read(ARCHITECTURE_FILE) if manifest.local_architecture else b""
     _check_weights(source, manifest, weights)
@@ -436,7 +474,10 @@ def load_bundle(
             module = _exec_local_architecture(code, Path(path).resolve() / ARCHITECTURE_FILE)
         else:
             module = importlib.import_module(manifest.module)
-        factory = _resolve_factory(module, manifest.factory)
+        local = module.__name__ if manifest.local_architecture else None
+        factory = _resolve_factory(module, manifest.architecture, allowed, local_name=local)
+    except _Refused as exc:
+        raise BundleError(f"{source}: {exc} (imported, not called)") from None
     except Exception as exc:
         raise BundleError(
             f"{source}: architecture {manifest.architecture!r} is not importable: {type(exc).__name__}: {exc}"

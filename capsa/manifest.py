@@ -6,11 +6,14 @@ bundles without importing torch or any model code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,11 @@ __all__ = [
     "BundleManifest",
     "TensorSpec",
     "architecture_allowed",
+    "architecture_refusal",
+    "check_allowed_entry",
     "check_bundle",
+    "narrow_allowed",
+    "parse_allowed_modules",
     "parse_manifest",
     "read_manifest",
 ]
@@ -46,7 +53,7 @@ DATATYPE_NAMES: tuple[str, ...] = ("FP32", "FP64", "FP16", "BF16", "INT64", "INT
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _ARCH_RE = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT}(?:\.{_IDENT})*)$")
-_MODULE_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+_IDENT_RE = re.compile(rf"^{_IDENT}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -174,23 +181,136 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- allowed modules
+# Which code a bundle may name. An allow-list entry is a dotted module prefix (``"acme.models"`` allows
+# ``acme.models`` and ``acme.models.x``, not ``acme.modelsx``) or one exact factory (``"acme.models:build"``).
+# Bundle-local code is the module ``"architecture"``. ``None`` is the library's default for a user's own process:
+# any module except the standard library's. Whatever the list, the factory is one plain public name (no attribute
+# walks such as ``m:nn.functional.torch.os.system``), and once imported it must be a class or function defined in
+# an allowed module (`capsa.bundle` checks that), a class being an ``nn.Module`` subclass.
+_ENTRY_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*(?::{_IDENT})?$")
+_PUBLIC_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def check_allowed_entry(entry: object) -> str:
+    """``entry`` if it is an allow-list entry (a dotted module name or ``"package.module:factory"``), else
+    `ValueError` naming it."""
+    if not isinstance(entry, str) or not _ENTRY_RE.match(entry):
+        raise ValueError(f"{entry!r} is not a dotted module name (or 'package.module:factory')")
+    return entry
+
+
 def _normalise_allowed(allowed_modules: Iterable[str] | str | None) -> list[str] | None:
     if allowed_modules is None:
         return None
-    prefixes = [allowed_modules] if isinstance(allowed_modules, str) else list(allowed_modules)
-    for prefix in prefixes:
-        if not isinstance(prefix, str) or not _MODULE_RE.match(prefix):
-            raise ValueError(f"allowed_modules: {prefix!r} is not a dotted module name")
-    return prefixes
+    entries = [allowed_modules] if isinstance(allowed_modules, str) else list(allowed_modules)
+    try:
+        return [check_allowed_entry(entry) for entry in entries]
+    except ValueError as exc:
+        raise ValueError(f"allowed_modules: {exc}") from None
 
 
-def architecture_allowed(module: str, allowed_modules: Iterable[str] | str | None) -> bool:
-    """Whether ``module`` lies under one of the dotted prefixes (``"acme.models"`` allows ``acme.models.x``,
-    not ``acme.modelsx``); ``None`` allows everything. Bundle-local code is the module ``"architecture"``."""
-    prefixes = _normalise_allowed(allowed_modules)
-    if prefixes is None:
-        return True
-    return any(module == p or module.startswith(p + ".") for p in prefixes)
+def parse_allowed_modules(text: str, *, setting: str = "allowed_modules") -> list[str]:
+    """A comma-separated allow-list (as in ``CAPSA_ALLOWED_MODULES``) as a list; `ValueError` names ``setting``."""
+    entries = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return _normalise_allowed(entries) or []
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {str(exc).removeprefix('allowed_modules: ')}") from None
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def is_stdlib(module: str) -> bool:
+    """Whether ``module`` belongs to Python's standard library (``os``, ``subprocess``, ``importlib.util``...)."""
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+
+def architecture_allowed(
+    module: str, allowed_modules: Iterable[str] | str | None, factory: str | None = None
+) -> bool:
+    """Whether an allow-list lets ``module`` (and, for exact entries, ``module:factory``) be imported.
+
+    A prefix entry allows the module and its submodules; an exact entry ``"m:f"`` allows ``m`` only for the
+    factory ``f``. ``None`` allows everything but the standard library (which a list must name to allow).
+    """
+    entries = _normalise_allowed(allowed_modules)
+    if entries is None:
+        return not is_stdlib(module)
+    for entry in entries:
+        prefix, _, exact = entry.partition(":")
+        if exact:
+            if module == prefix and factory in (None, exact):
+                return True
+        elif _under(module, prefix):
+            return True
+    return False
+
+
+def narrow_allowed(
+    outer: Iterable[str] | str | None, inner: Iterable[str] | str | None
+) -> list[str] | None:
+    """The intersection of two allow-lists (what both allow), e.g. the operator's list narrowed by a model's
+    ``config.json``: narrowing never widens. ``None`` (no list) leaves the other list as it is."""
+    a, b = _normalise_allowed(outer), _normalise_allowed(inner)
+    if a is None or b is None:
+        return b if a is None else a
+    result: list[str] = []
+    for x in a:
+        for y in b:
+            (xm, _, xf), (ym, _, yf) = x.partition(":"), y.partition(":")
+            if xf and yf:
+                both = x if x == y else None
+            elif xf:
+                both = x if _under(xm, ym) else None
+            elif yf:
+                both = y if _under(ym, xm) else None
+            else:
+                both = x if _under(x, y) else y if _under(y, x) else None
+            if both is not None and both not in result:
+                result.append(both)
+    return result
+
+
+def _describe(entries: list[str] | None, setting: str) -> str:
+    if entries is None:
+        return f"{setting} (not set: any module outside the standard library)"
+    return f"{setting} {entries}" if entries else f"{setting} (empty: nothing is allowed)"
+
+
+def architecture_refusal(
+    architecture: str, allowed_modules: Iterable[str] | str | None, *, setting: str = "allowed_modules"
+) -> str:
+    """Why ``architecture`` (``"module:factory"``) may not be imported under the allow-list ('' if it may).
+
+    Decided from the string alone, before anything is imported. ``setting`` names where the list comes from
+    (``CAPSA_ALLOWED_MODULES`` on a server), so that the message says what would allow the module.
+    """
+    entries = _normalise_allowed(allowed_modules)
+    module, _, factory = architecture.partition(":")
+    if not _IDENT_RE.match(factory):
+        return (
+            f"architecture {architecture!r} is not allowed: the factory {factory!r} is an attribute path; a factory "
+            f"is one name defined in its module (e.g. 'acme.models:build'), attribute walks are refused"
+        )
+    if not _PUBLIC_RE.match(factory):
+        return f"architecture {architecture!r} is not allowed: the factory {factory!r} is private (starts with '_')"
+    if architecture_allowed(module, entries, factory):
+        return ""
+    if entries is None:
+        return (
+            f"architecture {architecture!r} is not allowed: module {module!r} is in Python's standard library, "
+            f"which runs only when {setting} names it"
+        )
+    what = f"module {module!r}"
+    if module == LOCAL_MODULE:
+        what = f"bundle-local code ({what}, the bundle's {ARCHITECTURE_FILE})"
+    return (
+        f"architecture {architecture!r} is not allowed: {what} is outside {_describe(entries, setting)}; "
+        f"add {module!r} to {setting} to allow it"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -224,18 +344,34 @@ class _BundleDir:
             self._fd = None
 
     def read(self, name: str, *, required: bool = True) -> bytes:
-        """The whole file; `BundleError` if missing (when required) or unreadable; ``b""`` if optional and absent."""
+        """The whole file; `BundleError` if missing (when required) or unreadable; ``b""`` if optional and absent.
+
+        Only a regular file inside the bundle is read: a symbolic link is refused, never followed (it could
+        point outside the registry, and a checksum message would then disclose a digest of that file), and so
+        is anything else that is not a regular file (a FIFO would block the reader).
+        """
         try:
             if self._fd is not None:
-                fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
-                with open(fd, "rb") as f:
-                    return f.read()
-            return (self.path / name).read_bytes()
+                flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                fd = os.open(name, flags, dir_fd=self._fd)
+            else:
+                if (self.path / name).is_symlink():
+                    raise OSError(errno.ELOOP, "symbolic link")
+                fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise BundleError(f"{self.source}: {name} is not a regular file")
+                return f.read()
         except FileNotFoundError:
             if not required:
                 return b""
             raise BundleError(f"{self.source}: missing {name}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BundleError(
+                    f"{self.source}: {name} is a symbolic link; bundle files must be regular files inside the "
+                    "bundle (links are not followed)"
+                ) from None
             raise BundleError(f"{self.source}: cannot read {name}: {exc.strerror or exc}") from None
 
 

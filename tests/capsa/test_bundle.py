@@ -569,7 +569,7 @@ FAILURES: dict[str, tuple[Callable[[Path], None], dict[str, Any], str]] = {
         "not importable: ModuleNotFoundError",
     ),
     "attribute-missing": (_set("architecture", f"{ARCHS}:nonexistent"), {}, "not importable: AttributeError"),
-    "not-callable": (_set("architecture", f"{ARCHS}:FAMILIES"), {}, "not importable: TypeError"),
+    "not-callable": (_set("architecture", f"{ARCHS}:FAMILIES"), {}, "the factory is a dict, not a class or function"),
     "factory-raises": (_set("architecture", f"{ARCHS}:broken"), {}, "failed: RuntimeError: this factory always fails"),
     "factory-not-module": (_set("architecture", f"{ARCHS}:not_a_module"), {}, "returned dict, not an nn.Module"),
     "bad-kwargs": (_edit_manifest(lambda m: m["kwargs"].update(bogus=1)), {}, "failed: TypeError"),
@@ -584,7 +584,7 @@ FAILURES: dict[str, tuple[Callable[[Path], None], dict[str, Any], str]] = {
     "local-not-allowed": (
         _local("from tests.fixtures.archs import mlp\n"),
         {"allowed_modules": ["tests"]},
-        "module 'architecture' is outside allowed_modules",
+        "bundle-local code \\(module 'architecture'.* is outside allowed_modules \\['tests'\\]",
     ),
     "bad-device": (lambda p: None, {"device": "nodevice"}, "cannot move the model to 'nodevice'"),
 }
@@ -621,7 +621,10 @@ def test_local_architecture_allowed_as_architecture(tmp_path: Path, base_bundle:
     path = tmp_path / "bundle"
     shutil.copytree(base_bundle[0], path)
     _local("from tests.fixtures.archs import mlp\n")(path)
-    assert capsa.is_wrapped(load_bundle(path, allowed_modules=["architecture"]))
+    # The factory is defined in tests.fixtures.archs, not in the bundle's code: that module must be allowed too.
+    with pytest.raises(BundleError, match="defined in 'tests.fixtures.archs', which is outside allowed_modules"):
+        load_bundle(path, allowed_modules=["architecture"])
+    assert capsa.is_wrapped(load_bundle(path, allowed_modules=["architecture", "tests.fixtures.archs"]))
 
 
 def test_architecture_allowed_prefixes() -> None:
@@ -632,6 +635,10 @@ def test_architecture_allowed_prefixes() -> None:
     assert not architecture_allowed("acme", ["acme.models"])
     assert not architecture_allowed("architecture", [])
     assert architecture_allowed("anything", None)
+    assert not architecture_allowed("os", None) and not architecture_allowed("importlib.util", None)
+    assert architecture_allowed("os", ["os"])  # the standard library only when a list names it
+    assert architecture_allowed("acme.m", ["acme.m:build"], "build")
+    assert not architecture_allowed("acme.m", ["acme.m:build"], "other")
     assert architecture_allowed("acme.x", "acme")
     with pytest.raises(ValueError, match="not a dotted module name"):
         architecture_allowed("x", ["acme."])
