@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from service.metrics import VersionMetrics
+from service.workers.handle import WorkerGone
+from service.workers.messages import Failed, Outcome, Outputs, Split
+
+log = logging.getLogger("capsa.serve.batching")
 
 
 class ServeError(Exception):
@@ -58,10 +63,10 @@ class BatchWorker(Protocol):
 
     id: int
 
-    def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None: ...
+    def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None:
+        """Start the batch; raise :class:`~service.workers.WorkerGone` if the worker is exiting."""
 
 
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # prediction, risk, risk_score
 
 
 @dataclass(slots=True, eq=False)
@@ -91,7 +96,10 @@ class Batcher:
     """The queue, the free workers and the batches in flight of one model version."""
 
     _batch_ids = itertools.count(1)
-    stuck_grace_s = 5.0  # a batch running longer than 2 x timeout_s + this is reported to on_stuck
+    # A batch running longer than timeout_s + this is reported to on_stuck: by then every request in it has had
+    # its 504 (deadlines count from enqueueing), so the worker is stalled (SIGSTOP, a hung device) or too slow to
+    # ever answer in time; either way it is killed and restarted, detected at about the request timeout.
+    stuck_grace_s = 1.0
 
     def __init__(
         self,
@@ -104,7 +112,7 @@ class Batcher:
         on_stuck: Callable[[BatchWorker], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
-        self.on_stuck = on_stuck  # called with a worker whose batch outlives every deadline
+        self.on_stuck = on_stuck  # called with a worker whose batch outlives its requests' deadlines
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_size = max_queue_size
         self.timeout_s = timeout_s
@@ -122,6 +130,10 @@ class Batcher:
     def pending_requests(self) -> int:
         """Requests queued or running (the pending gauge reads this at scrape time: no per-request cost)."""
         return len(self.queue) + sum(len(batch.requests) for _, batch in self.busy.values())
+
+    def full(self) -> bool:
+        """A new request would get QueueFull (the HTTP edge sheds on this before reading or decoding a body)."""
+        return len(self.queue) >= self.max_queue_size
 
     # ---------------------------------------------------------------- workers
     @property
@@ -221,18 +233,35 @@ class Batcher:
             worker = self.idle.pop()
             batch = Batch(next(self._batch_ids), requests, offsets, now)
             if self.on_stuck is not None:
-                batch.watchdog = self._loop.call_later(2 * self.timeout_s + self.stuck_grace_s, self.on_stuck,
-                                                       worker)
+                batch.watchdog = self._loop.call_later(self.timeout_s + self.stuck_grace_s, self._stuck, worker,
+                                                       batch)
             self.busy[worker.id] = (worker, batch)
-            # a broken pipe means the worker is dying: its exit handler retries or fails the batch
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 worker.send_batch(batch.id, array, offsets)
+            except WorkerGone as exc:  # it is exiting: its on_exit calls remove_worker, which retries the batch
+                log.warning("a worker went away as it was given a batch", extra={"error": str(exc)})
+            except Exception:  # cannot encode or write: a bug; fail this batch, keep the worker
+                log.exception("cannot send a batch to a worker")
+                self.busy.pop(worker.id, None)
+                if batch.watchdog is not None:
+                    batch.watchdog.cancel()
+                for pending in requests:
+                    self._fail(pending, ServeError("internal error: the batch could not be sent to a worker"))
+                self.idle.append(worker)
+
+    def _stuck(self, worker: BatchWorker, batch: Batch) -> None:
+        entry = self.busy.get(worker.id)
+        if entry is not None and entry[1] is batch and self.on_stuck is not None:
+            log.error("a worker did not answer its batch within the request timeout",
+                      extra={"batch_id": batch.id, "requests": len(batch.requests),
+                             "running_s": round(time.perf_counter() - batch.started, 3)})
+            self.on_stuck(worker)
 
     def _delay_over(self) -> None:
         self._delay_timer = None
         self._dispatch()
 
-    def complete(self, worker: BatchWorker, batch_id: int, compute_s: float, payload: tuple[Any, ...]) -> None:
+    def complete(self, worker: BatchWorker, batch_id: int, compute_s: float, outcome: Outcome) -> None:
         """A worker finished a batch: resolve each request with its own rows, and give the worker more work."""
         entry = self.busy.pop(worker.id, None)
         if entry is None or entry[1].id != batch_id:  # stale (should not happen)
@@ -245,23 +274,28 @@ class Batcher:
         self.metrics.exec_count.inc()
         self.metrics.count.inc(batch.offsets[-1])
         self.metrics.compute_duration.observe(compute_s)
-        kind = payload[0]
-        if kind == "ok":
-            pred, risk, score = payload[1], payload[2], payload[3]
-            for pending, lo, hi in zip(batch.requests, batch.offsets, batch.offsets[1:], strict=False):
-                if not pending.future.done():
-                    self._finish(pending)
-                    pending.future.set_result((pred[lo:hi], risk[lo:hi], score[lo:hi]))
-        elif kind == "split":
-            for pending, part in zip(batch.requests, payload[1], strict=True):
-                if isinstance(part, str):
-                    self._fail(pending, ModelError(f"the model failed on this request: {part}"))
+        if isinstance(outcome, Outputs):
+            rows = outcome.prediction.shape[0] if outcome.prediction.ndim else -1
+            if rows != batch.offsets[-1] or outcome.risk.shape[:1] != (rows,) or outcome.risk_score.shape != (rows,):
+                for pending in batch.requests:  # never hand out rows that are not the request's own
+                    self._fail(pending, ModelError(
+                        f"the model returned {rows} rows for a batch of {batch.offsets[-1]} (prediction "
+                        f"{outcome.prediction.shape}, risk {outcome.risk.shape}, score {outcome.risk_score.shape})"))
+            else:
+                for pending, lo, hi in zip(batch.requests, batch.offsets, batch.offsets[1:], strict=False):
+                    if not pending.future.done():
+                        self._finish(pending)
+                        pending.future.set_result(outcome.rows(lo, hi))
+        elif isinstance(outcome, Split):
+            for pending, part in zip(batch.requests, outcome.parts, strict=True):
+                if isinstance(part, Failed):
+                    self._fail(pending, ModelError(f"the model failed on this request: {part.error}"))
                 elif not pending.future.done():
                     self._finish(pending)
-                    pending.future.set_result(part)
+                    pending.future.set_result(part.rows(0, part.prediction.shape[0]))
         else:
             for pending in batch.requests:
-                self._fail(pending, ModelError(f"the model failed on this request: {payload[1]}"))
+                self._fail(pending, ModelError(f"the model failed on this request: {outcome.error}"))
         self.idle.append(worker)
         self._dispatch()
         self._check_drained()

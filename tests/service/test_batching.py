@@ -11,6 +11,7 @@ import pytest
 
 from service.batching import Batcher, DeadlineExceeded, ModelError, QueueFull, Unavailable
 from service.metrics import Metrics
+from service.workers import Failed, Outputs, Split
 
 
 class FakeWorker:
@@ -41,7 +42,7 @@ def rows(n: int, start: int) -> np.ndarray:
 def answer(batcher: Batcher, worker: FakeWorker) -> None:
     """Complete the worker's last batch with prediction = 2x, risk = x, score = x."""
     batch_id, array, _ = worker.sent[-1]
-    batcher.complete(worker, batch_id, 0.001, ("ok", array * 2, array.copy(), array[:, 0].copy()))
+    batcher.complete(worker, batch_id, 0.001, Outputs(array * 2, array.copy(), array[:, 0].copy()))
 
 
 def test_free_worker_takes_a_lone_request_at_once_then_queued_ones_together() -> None:
@@ -135,8 +136,8 @@ def test_a_failing_request_fails_alone() -> None:
         bad = batcher.submit(rows(1, 2))
         answer(batcher, worker)
         batch_id, array, _ = worker.sent[-1]
-        ok = (array[:1] * 2, array[:1], array[:1, 0])
-        batcher.complete(worker, batch_id, 0.001, ("split", [ok, "RuntimeError: boom"]))
+        ok = Outputs(array[:1] * 2, array[:1], array[:1, 0])
+        batcher.complete(worker, batch_id, 0.001, Split((ok, Failed("RuntimeError: boom"))))
         assert (await good)[0].tolist() == [[2.0]]
         with pytest.raises(ModelError, match="boom"):
             await bad
