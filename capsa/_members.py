@@ -2,26 +2,77 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from capsa._risk import Risk
+
 Task = Literal["regression", "classification"]
 
 
-def reduce_members(outs: Tensor, task: Task, class_dim: int) -> tuple[Tensor, Tensor]:
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient at 0 is 0, not NaN (members that agree exactly)."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)
+
+
+def mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (population) standard deviation over dim 0.
+
+    Mean and centred square: several times cheaper than `torch.std_mean` over a short leading dim on CPU.
+    """
+    mean = x.mean(dim=0)
+    return mean, safe_sqrt((x - mean).square().mean(dim=0))
+
+
+def _probability_spread(log_probs: Tensor) -> Tensor:
+    """Standard deviation over dim 0 of ``exp(log_probs)``, computed so that tiny probabilities keep their order.
+
+    Each class is scaled by its largest member probability before squaring (``std(p) = m * std(p / m)``), so the
+    squares cannot underflow: a spread of 1e-30 stays 1e-30 (and ranks below 1e-25) instead of becoming 0.
+    """
+    peak = log_probs.amax(dim=0, keepdim=True)
+    _, spread = mean_std(torch.exp(log_probs - peak))
+    return spread * torch.exp(peak.squeeze(0))
+
+
+def reduce_members(
+    outs: Tensor,
+    task: Task,
+    class_dim: int,
+    scales: Tensor | None = None,
+    pick: Tensor | None = None,
+) -> tuple[Tensor, Risk]:
     """Reduce member outputs `[M, B, ...]` to `(prediction, risk)`, each shaped like one member's output.
 
-    Regression: mean and standard deviation across members. Classification: members' logits become probabilities
-    first, since spread in logit space does not track uncertainty (a confident and an unsure member can have equally
-    spread logits); the prediction is the log of the mean probability (still valid logits for argmax and
-    cross-entropy) and the risk is the standard deviation of the probabilities.
+    Regression: the prediction is the members' mean and the epistemic risk their standard deviation. With
+    ``scales`` (each member's aleatoric standard deviation, `[M, B, ...]`, from sculpt inside the stack) the
+    aleatoric risk is the root mean of the members' variances, so that ``Risk.total`` is the standard deviation of
+    the members' mixture.
+
+    Classification: members' logits become probabilities first, since spread in logit space does not track
+    uncertainty (a confident and an unsure member can have equally spread logits); the prediction is the log of the
+    mean probability (valid logits for argmax and cross-entropy) and the risk is the standard deviation of the
+    probabilities, computed in log space so that saturated probabilities keep their ranking.
+
+    ``pick`` (training): the index of the member that answers each sample; the prediction (and aleatoric risk) is
+    that member's, so that the user's unchanged loss trains every member on its own share of the data.
     """
+    aleatoric = None
     if task == "classification":
         dim = class_dim + 1 if class_dim >= 0 else class_dim
-        probs = outs.softmax(dim=dim)
-        std, mean = torch.std_mean(probs, dim=0, correction=0)
-        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log(), std
-    std, mean = torch.std_mean(outs, dim=0, correction=0)
-    return mean, std
+        log_probs = outs.log_softmax(dim=dim)
+        prediction = torch.logsumexp(log_probs, dim=0) - math.log(outs.shape[0])
+        epistemic = _probability_spread(log_probs)
+    else:
+        prediction, epistemic = mean_std(outs)
+        if scales is not None:
+            aleatoric = safe_sqrt(scales.square().mean(dim=0))
+    if pick is not None:
+        rows = torch.arange(outs.shape[1], device=outs.device)
+        prediction = outs[pick, rows]
+        if scales is not None:
+            aleatoric = scales[pick, rows]
+    return prediction, Risk(aleatoric=aleatoric, epistemic=epistemic, task=task)

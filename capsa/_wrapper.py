@@ -7,27 +7,49 @@ leaves the user's model untouched and attaches capsa's own state under the `caps
 Capsa's parameters are created lazily: the first call with inputs traces which layers the model really calls, the
 wrapper picks its *sites* among them (for example the output layer) and builds its parameters next to them. A
 checkpoint can also create them before any call, from the shapes it holds.
+
+The wrapper's layer hooks are inert outside a wrapped forward: the user's own model, called directly, computes
+exactly what it computed before wrapping. The per-call state lives in a thread-local table for the duration of
+one forward, so one wrapped model serves many threads at once.
+
+Composition is nesting: a wrapper applied to a wrapped model wraps the whole stack (see `ORDER`). The outer
+wrapper attaches its hooks to the same user layers, runs the inner wrapper's forward inside its own, and combines
+the inner risk with its own into a `capsa.Risk`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor, nn
 
-__all__ = ["LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
+from capsa._risk import Risk
+
+__all__ = ["ORDER", "LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
 
 _REGISTRY: dict[str, type[Wrapper]] = {}
 _BUILTIN_WRAPPERS = ("capsa.neo", "capsa.sample", "capsa.sculpt", "capsa.vote")
 #: User models that carry a wrapper's hooks: wrapping one again would run both wrappers' hooks.
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+#: Composition order: a wrapper may wrap a stack whose wrappers all have a lower level. sculpt (aleatoric, a head
+#: on the output layer) goes innermost, so that vote replicates it per voter and sample feeds it the noisy passes;
+#: vote and sample (two ways to the same epistemic risk) do not stack on each other; neo reads hidden layers and
+#: goes outermost.
+ORDER: dict[str, int] = {"sculpt": 0, "vote": 1, "sample": 1, "neo": 2}
+#: Per-thread table of the forwards in progress: wrapped model -> its `_CallState`.
+_ACTIVE = threading.local()
+#: Building (first call) traces and probes the model; one build at a time.
+_BUILD_LOCK = threading.RLock()
 
 #: Layer types a wrapper may attach to: they carry the learned features and have a clear feature dimension.
 SITE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -44,6 +66,22 @@ class Wrapper(BaseModel):
     version: ClassVar[int] = 1
     #: The module class this config builds.
     wrapped_class: ClassVar[type[WrappedModel]]
+    #: The kind of risk this wrapper gives (a `capsa.Risk` attribute): aleatoric, epistemic or novelty.
+    risk_kind: ClassVar[str]
+
+    #: The wrapper this one wraps (composition), or None; rebuilt first when this config is called on a model.
+    inner: Wrapper | None = None
+
+    @field_validator("inner", mode="before")
+    @classmethod
+    def _inner_from_spec(cls, value: Any) -> Any:
+        return from_spec(value) if isinstance(value, Mapping) else value
+
+    @model_validator(mode="after")
+    def _order(self) -> Wrapper:
+        if self.inner is not None:
+            check_order(self.name, self.inner.stack_names())
+        return self
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -52,11 +90,50 @@ class Wrapper(BaseModel):
             _REGISTRY[cls.name] = cls
 
     def __call__(self, model: nn.Module) -> WrappedModel:
-        return self.wrapped_class(model, self)
+        if self.inner is not None:
+            if isinstance(model, WrappedModel):
+                raise TypeError(
+                    f"capsa.{self.name}: this wrapper already describes the stack {self.describe()}; "
+                    "call it on a plain model"
+                )
+            model = self.inner(model)
+        return self.wrapped_class(model, self.model_copy(update={"inner": None}))
+
+    def stack_names(self) -> list[str]:
+        """Wrapper names from this one inwards."""
+        return [self.name] + (self.inner.stack_names() if self.inner is not None else [])
+
+    def describe(self) -> str:
+        """The stack as a call expression, e.g. ``vote(sculpt(model))``."""
+        names = self.stack_names()
+        return "(".join(names) + "(model" + ")" * len(names)
 
     def to_spec(self) -> dict[str, Any]:
-        """A JSON-serialisable description from which `capsa.from_spec` rebuilds an equal wrapper."""
-        return {"wrapper": self.name, "version": self.version, **self.model_dump(mode="json")}
+        """A JSON-serialisable description from which `capsa.from_spec` rebuilds an equal wrapper (and its stack).
+
+        Composed stacks nest: ``{"wrapper": "vote", "version": 1, ..., "inner": {"wrapper": "sculpt", ...}}``.
+        """
+        spec = {"wrapper": self.name, "version": self.version, **self.model_dump(mode="json", exclude={"inner"})}
+        if self.inner is not None:
+            spec["inner"] = self.inner.to_spec()
+        return spec
+
+
+def check_order(outer: str, inner: list[str]) -> None:
+    """Refuse (`TypeError`) a nesting that means nothing, naming the order that works."""
+    for name in inner:
+        if name == outer:
+            raise TypeError(f"capsa.{outer}: the model is already wrapped by capsa.{outer}; wrap it once")
+        if ORDER[name] == ORDER[outer]:
+            raise TypeError(
+                f"capsa.{outer} cannot wrap a capsa.{name} model: both give epistemic risk from members; use one "
+                f"of them (compose either with sculpt inside and neo outside, e.g. neo({outer}(sculpt(model))))"
+            )
+        if ORDER[name] > ORDER[outer]:
+            raise TypeError(
+                f"capsa.{outer} cannot wrap a capsa.{name} model: wrap in the order {name}({outer}(model)), i.e. "
+                f"capsa.{name}.Wrapper()(capsa.{outer}.Wrapper()(model))"
+            )
 
 
 def from_spec(spec: Mapping[str, Any]) -> Wrapper:
@@ -94,12 +171,19 @@ class LayerCall:
 
 @dataclass
 class _CallState:
-    """Per-forward scratch space shared between the wrapper's forward and its layer hooks."""
+    """Per-forward scratch space shared between the wrapper's forward and its layer hooks (one per call)."""
 
     batch: int = 0
     return_risk: bool = False
     fired: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _active_states() -> dict[WrappedModel, _CallState]:
+    states = getattr(_ACTIVE, "states", None)
+    if states is None:
+        states = _ACTIVE.states = {}
+    return states
 
 
 def site_key(name: str) -> str:
@@ -128,8 +212,8 @@ class WrappedModel(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"capsa.{wrapper.name}: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, WrappedModel):
-            raise TypeError(f"capsa.{wrapper.name}: model is already wrapped by capsa.{model.wrapper.name}")
-        if model in _WRAPPED or _carries_capsa_hooks(model):
+            check_order(wrapper.name, model.wrapper.stack_names())
+        if model in _WRAPPED or (not isinstance(model, WrappedModel) and _carries_capsa_hooks(model)):
             raise TypeError(
                 f"capsa.{wrapper.name}: this {type(model).__name__} instance is already wrapped by "
                 f"capsa.{_WRAPPED.get(model, 'a wrapper')} (or is a copy of one that is); wrap a fresh instance"
@@ -138,22 +222,48 @@ class WrappedModel(nn.Module):
         super().__init__()
         self.model = model
         self.capsa = nn.Module()
-        self.__dict__["wrapper"] = wrapper
+        self.__dict__["wrapper"] = wrapper.model_copy(update={"inner": model.wrapper}) if self.composed else wrapper
         self._sites: list[str] | None = None
-        self._state = _CallState()
+        self._built = False
+        self._handed_out = False
         self._strict_load = True
         self._has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
         self.register_state_dict_post_hook(_user_keys_unprefixed)
         self.register_load_state_dict_pre_hook(WrappedModel._load_pre_hook)
 
     # ----------------------------------------------------------------- public surface
+    @property
+    def composed(self) -> bool:
+        """Whether this wraps another capsa wrapper (then `forward` returns a `capsa.Risk`)."""
+        return isinstance(self.model, WrappedModel)
+
+    @property
+    def user_model(self) -> nn.Module:
+        """The user's own model at the bottom of the stack."""
+        model = self.model
+        while isinstance(model, WrappedModel):
+            model = model.model
+        return model
+
+    def stack(self) -> list[WrappedModel]:
+        """The wrapped models of the stack, from this one inwards."""
+        return [self] + (self.model.stack() if isinstance(self.model, WrappedModel) else [])
+
     def capsa_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters capsa added (empty before the first call or checkpoint load)."""
-        return self.capsa.parameters()
+        """Parameters capsa added, by every wrapper of the stack (empty before the first call or checkpoint load)."""
+        for wrapped in self.stack():
+            yield from wrapped.capsa.parameters()
 
     def user_parameters(self) -> Iterator[nn.Parameter]:
         """The wrapped model's own parameters."""
-        return self.model.parameters()
+        return self.user_model.parameters()
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        # Remember that parameters were handed out (to an optimizer, most likely) before capsa created its own.
+        if not self._built:
+            for wrapped in self.stack():
+                wrapped.__dict__["_handed_out"] = True
+        return super().named_parameters(*args, **kwargs)
 
     def forward(self, x: Tensor, *args: Any, return_risk: bool = False, **kwargs: Any) -> Any:
         if not isinstance(x, Tensor):
@@ -164,22 +274,38 @@ class WrappedModel(nn.Module):
         if x.dim() == 0:
             raise ValueError(f"capsa.{self.wrapper.name}: the model input has no batch dimension (a 0-d tensor)")
         with _fastpath_disabled(self._has_attention):
-            if self._sites is None:
-                self._build(x, args, kwargs)
+            if not self._built:
+                with _BUILD_LOCK:
+                    if not self._built:
+                        self._build(x, args, kwargs)
             prediction, risk = self._run(x, args, kwargs, return_risk)
-        return (prediction, risk) if return_risk else prediction
+        if not return_risk:
+            return prediction
+        return prediction, (risk if self.composed else getattr(risk, self.wrapper.risk_kind))
+
+    def _active_state(self) -> _CallState | None:
+        """This thread's state of the forward in progress, or None outside a wrapped forward."""
+        states = getattr(_ACTIVE, "states", None)
+        return None if states is None else states.get(self)
 
     def _run(
         self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_risk: bool
-    ) -> tuple[Tensor, Tensor]:
-        """One wrapped forward: the model with capsa's hooks active, then the wrapper's reduction."""
-        # Plain attribute writes: nn.Module.__setattr__ costs microseconds on every call.
-        state = self.__dict__["_state"] = _CallState(batch=x.shape[0], return_risk=return_risk)
+    ) -> tuple[Tensor, Risk]:
+        """One wrapped forward: the model (or the inner stack) with capsa's hooks active, then the reduction."""
+        states = _active_states()
+        state = _CallState(batch=x.shape[0], return_risk=return_risk)
+        previous = states.get(self)
+        states[self] = state
         try:
-            out = self.model(self._prepare_input(x, state), *args, **kwargs)
+            prepared = self._prepare_input(x, state)
+            inner: Risk | None = None
+            if isinstance(self.model, WrappedModel):
+                out, inner = self.model._run(prepared, args, kwargs, return_risk)
+            else:
+                out = self.model(prepared, *args, **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(
-                    f"capsa.{self.wrapper.name}: {type(self.model).__name__} returned {type(out).__name__}; "
+                    f"capsa.{self.wrapper.name}: {type(self.user_model).__name__} returned {type(out).__name__}; "
                     "capsa wrappers need a model with one tensor output"
                 )
             for name in self._sites:
@@ -188,9 +314,12 @@ class WrappedModel(nn.Module):
                         f"capsa.{self.wrapper.name}: layer {name!r} ran {state.fired.get(name, 0)} times in this "
                         "forward (expected once, as when the wrapper was built); the model's call graph changed"
                     )
-            return self._finish(out, state)
+            return self._finish(out, inner, state)
         finally:
-            self.__dict__["_state"] = _CallState()
+            if previous is None:
+                del states[self]
+            else:
+                states[self] = previous
 
     # ----------------------------------------------------------------- wrapper-specific parts
     def _select_sites(self, calls: list[LayerCall]) -> list[str]:
@@ -208,12 +337,14 @@ class WrappedModel(nn.Module):
     def _check_state(self, calls: dict[str, LayerCall]) -> None:
         """Check state created from a checkpoint against the traced sites (first call after loading)."""
 
-    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        """Forward hook on each site; may replace the layer's output."""
+    def _site_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor, state: _CallState
+    ) -> Tensor | None:
+        """Forward hook on each site, during a wrapped forward only; may replace the layer's output."""
         raise NotImplementedError
 
-    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
-        """Turn the model's raw output into `(prediction, risk)`."""
+    def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
+        """Turn the model's raw output (and the inner stack's risk, when composed) into `(prediction, risk)`."""
         raise NotImplementedError
 
     def _prepare_input(self, x: Tensor, state: _CallState) -> Tensor:
@@ -225,6 +356,8 @@ class WrappedModel(nn.Module):
 
     # ----------------------------------------------------------------- building
     def _build(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if isinstance(self.model, WrappedModel) and not self.model._built:
+            self.model._build(x, args, kwargs)  # inner hooks first: they run first on a shared layer
         calls = self._trace(x, args, kwargs)
         sites = self._select_sites(calls)
         by_name = {c.name: c for c in calls}
@@ -233,6 +366,16 @@ class WrappedModel(nn.Module):
                 self._check_state(by_name)
             else:
                 self._create_state(by_name)
+                created = sum(p.numel() for p in self.capsa.parameters() if p.requires_grad)
+                if created and self._handed_out:
+                    warnings.warn(
+                        f"capsa.{self.wrapper.name} created {created} trainable parameters on the first call, after "
+                        "the wrapped model's parameters() were already handed out (to an optimizer?): those do not "
+                        "include them, so they will not train. Call the wrapped model once (e.g. on one batch) "
+                        "before building the optimizer, or build the optimizer again now",
+                        UserWarning,
+                        stacklevel=4,
+                    )
         self._sites, self._handles = [], []
         try:
             for name in sites:
@@ -243,24 +386,30 @@ class WrappedModel(nn.Module):
                 handle.remove()
             self._sites = None
             raise
+        self._built = True
 
     def _hook(self, name: str) -> torch.utils.hooks.RemovableHandle:
         """Route layer `name`'s forward through `_site_hook`, checked to run once per forward."""
-        module = self.model.get_submodule(name)
+        module = self.user_model.get_submodule(name)
         handle = module.register_forward_hook(functools.partial(self._counted_hook, name))
         self._sites.append(name)
         self._handles.append(handle)
         return handle
 
     def _counted_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
-        self._state.fired[name] = self._state.fired.get(name, 0) + 1
+        states = getattr(_ACTIVE, "states", None)
+        state = None if states is None else states.get(self)
+        if state is None:
+            return None  # outside a wrapped forward (in this thread): the user's model runs untouched
+        state.fired[name] = state.fired.get(name, 0) + 1
         if not isinstance(output, Tensor):
             raise TypeError(f"capsa.{self.wrapper.name}: layer {name!r} returned {type(output).__name__}")
-        return self._site_hook(name, module, args, output)
+        return self._site_hook(name, module, args, output, state)
 
     def _trace(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[LayerCall]:
         """Run the model once (eval mode, no grad) and record the site-type layers it calls, in order."""
-        names = {m: n for n, m in self.model.named_modules() if isinstance(m, SITE_TYPES)}
+        model = self.user_model
+        names = {m: n for n, m in model.named_modules() if isinstance(m, SITE_TYPES)}
         calls: list[LayerCall] = []
 
         def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -268,11 +417,11 @@ class WrappedModel(nn.Module):
                 calls.append(LayerCall(names[module], module, inputs[0].shape, output.shape))
 
         handles = [m.register_forward_hook(record) for m in names]
-        modes = {m: m.training for m in self.model.modules()}
+        modes = {m: m.training for m in model.modules()}
         try:
-            self.model.eval()
+            model.eval()
             with torch.no_grad():
-                out = self.model(x, *args, **kwargs)
+                out = model(x, *args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -280,12 +429,12 @@ class WrappedModel(nn.Module):
                 m.training = mode
         if not isinstance(out, Tensor):
             raise TypeError(
-                f"capsa.{self.wrapper.name}: {type(self.model).__name__} returned {type(out).__name__}; "
+                f"capsa.{self.wrapper.name}: {type(model).__name__} returned {type(out).__name__}; "
                 "capsa wrappers need a model with one tensor output"
             )
         if out.dim() == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(
-                f"capsa.{self.wrapper.name}: {type(self.model).__name__} maps a batch of {x.shape[0]} to an output "
+                f"capsa.{self.wrapper.name}: {type(model).__name__} maps a batch of {x.shape[0]} to an output "
                 f"of shape {tuple(out.shape)}; capsa needs the batch dimension first in input and output"
             )
         counts: dict[str, int] = {}
@@ -298,7 +447,7 @@ class WrappedModel(nn.Module):
         """The last Linear/ConvNd layer the model calls: the one that produces the prediction."""
         if not calls:
             raise ValueError(
-                f"capsa.{self.wrapper.name}: {type(self.model).__name__} calls no Linear or ConvNd layer; "
+                f"capsa.{self.wrapper.name}: {type(self.user_model).__name__} calls no Linear or ConvNd layer; "
                 f"capsa.{self.wrapper.name} attaches to the layer that produces the prediction"
             )
         last = calls[-1]
@@ -328,7 +477,10 @@ class WrappedModel(nn.Module):
         error_msgs: list[str],
     ) -> None:
         capsa_prefix = prefix + "capsa."
-        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(capsa_prefix)]:
+        own = tuple(capsa_prefix + group + "." for group in self._groups())
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
+            if key.startswith(capsa_prefix) and not self.composed:
+                continue  # not this wrapper's: the standard unexpected-key check names it
             state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
         shapes = {k[len(capsa_prefix) :]: v.shape for k, v in state_dict.items() if k.startswith(capsa_prefix)}
         has_state = any(True for _ in self.capsa.parameters()) or any(True for _ in self.capsa.buffers())
@@ -348,19 +500,28 @@ class WrappedModel(nn.Module):
         """Whether this wrapper always has capsa tensors in its state dict once built."""
         return True
 
+    def _groups(self) -> tuple[str, ...]:
+        """The names under `capsa.` that hold this wrapper's tensors (in a stack, the others belong inside)."""
+        return ()
+
     def _apply(self, fn: Any, recurse: bool = True) -> WrappedModel:
-        self.__dict__["_param_cache"] = {}  # .to()/.half() may replace parameter objects
+        for wrapped in self.stack():
+            wrapped.__dict__["_param_cache"] = {}  # .to()/.half() may replace parameter objects
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, creating capsa's lazy tensors from the checkpoint if needed."""
-        self._strict_load = strict  # torch hands its hooks strict=True whatever the caller asked
-        self.__dict__["_param_cache"] = {}  # assign=True replaces parameter objects
+        stack = self.stack()
+        for wrapped in stack:
+            wrapped._strict_load = strict  # torch hands its hooks strict=True whatever the caller asked
+            wrapped.__dict__["_param_cache"] = {}  # assign=True replaces parameter objects
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as exc:
             # The user model lives under `model.` internally; report keys as the checkpoint names them.
-            message = str(exc).replace('"model.', '"').replace("for model.", "for ")
+            message = str(exc)
+            for depth in range(len(stack), 0, -1):
+                message = message.replace('"' + "model." * depth, '"').replace("for " + "model." * depth, "for ")
             raise RuntimeError(message) from None
 
 
@@ -386,20 +547,35 @@ def _carries_capsa_hooks(model: nn.Module) -> bool:
 
 
 class _fastpath_disabled:
-    """Turn off PyTorch's fused attention fast path, which bypasses submodule calls (and so capsa's hooks)."""
+    """Turn off PyTorch's fused attention fast path, which bypasses submodule calls (and so capsa's hooks).
+
+    The switch is process-wide, so concurrent wrapped forwards count themselves in: the first turns it off, the
+    last restores what it was.
+    """
+
+    _lock = threading.Lock()
+    _users = 0
+    _previous = True
 
     def __init__(self, active: bool) -> None:
         self.active = active and hasattr(torch.backends, "mha")
-        self.previous = True
 
     def __enter__(self) -> None:
         if self.active:
-            self.previous = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
+            cls = type(self)
+            with cls._lock:
+                if cls._users == 0:
+                    cls._previous = torch.backends.mha.get_fastpath_enabled()
+                    torch.backends.mha.set_fastpath_enabled(False)
+                cls._users += 1
 
     def __exit__(self, *exc: object) -> None:
         if self.active:
-            torch.backends.mha.set_fastpath_enabled(self.previous)
+            cls = type(self)
+            with cls._lock:
+                cls._users -= 1
+                if cls._users == 0:
+                    torch.backends.mha.set_fastpath_enabled(cls._previous)
 
 
 def find_site_layer(model: nn.Module, name: str, who: str) -> nn.Module:
@@ -428,6 +604,9 @@ class OutputLayerModel(WrappedModel):
     def _select_sites(self, calls: list[LayerCall]) -> list[str]:
         return [self._output_layer(calls).name]
 
+    def _groups(self) -> tuple[str, ...]:
+        return (self.group,)
+
     def site_state(self, name: str) -> nn.ParameterDict:
         return getattr(self.capsa, self.group)[site_key(name)]
 
@@ -446,7 +625,7 @@ class OutputLayerModel(WrappedModel):
 
     def _create_state(self, calls: dict[str, LayerCall]) -> None:
         (name,) = self._select_sites(list(calls.values()))
-        self._install(name, self._new_state(self.model.get_submodule(name)))
+        self._install(name, self._new_state(self.user_model.get_submodule(name)))
 
     def _create_state_from_checkpoint(self, shapes: dict[str, torch.Size]) -> None:
         who, group = self.wrapper.name, self.group
@@ -458,7 +637,7 @@ class OutputLayerModel(WrappedModel):
                 f"of capsa.{who} (expected capsa.{group}.<output layer>.<tensor>)"
             )
         (key,) = sites
-        module = find_site_layer(self.model, site_name(key), who)
+        module = find_site_layer(self.user_model, site_name(key), who)
         state = self._new_state(module)
         expected = {f"capsa.{group}.{key}.{k}": list(v.shape) for k, v in state.items()}
         got = {f"capsa.{k}": list(v) for k, v in shapes.items()}

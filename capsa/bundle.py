@@ -363,7 +363,7 @@ def save_bundle(
         ) from exc
 
     # Record the signature; the first call also creates capsa's lazy parameters.
-    first = next(itertools.chain(wrapped.parameters(), wrapped.buffers()), None)
+    first = next(itertools.chain(wrapped.user_parameters(), wrapped.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
     modes = {module: module.training for module in wrapped.modules()}
     wrapped.eval()
@@ -376,7 +376,12 @@ def save_bundle(
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ValueError("save_bundle: wrapped(x, return_risk=True) did not return (prediction, risk)")
     inputs = [_signature("input", example_input)]
-    outputs = [_signature("prediction", result[0]), _signature("risk", result[1])]
+    prediction, risk = result
+    if isinstance(risk, capsa.Risk):  # a composed model: risk is the total, each component is its own output
+        outputs = [_signature("prediction", prediction), _signature("risk", risk.total)]
+        outputs += [_signature(f"risk_{kind}", value) for kind, value in risk.components().items()]
+    else:
+        outputs = [_signature("prediction", prediction), _signature("risk", risk)]
 
     tensors = _tensors_for_saving(wrapped)
     user_shapes = _state_shapes({k: v for k, v in tensors.items() if not k.startswith("capsa.")})

@@ -7,6 +7,11 @@ error: low where the autoencoder was trained, growing as the representation leav
 
 Training: add ``risk.mean()`` to the loss. The representations are detached, so the risk term trains only capsa's
 parameters, never the user's; the running statistics update in training mode, like BatchNorm's.
+
+The prediction is the model's own output (a classifier's raw logits), or, composed, the inner stack's.
+Composed, neo goes outermost: ``neo(vote(model))``, ``neo(sample(model))``, ``neo(vote(sculpt(model)))``. It reads
+the same hidden layers whatever it wraps (inside sample's passes, averaged over the passes) and adds
+``Risk.novelty`` to the inner stack's risk; the composed recipe adds ``risk.novelty.mean()`` to the loss.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 from capsa import _wrapper
 from capsa._layers import fresh_copies
 from capsa._members import Task
+from capsa._risk import Risk
 from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, find_site_layer, site_key, site_name
 
 __all__ = ["NeoModel", "Wrapper"]
@@ -39,10 +45,10 @@ class NeoModel(WrappedModel):
 
     def _create_state(self, calls: dict[str, LayerCall]) -> None:
         sites = self._select_sites(list(calls.values()))
-        self._install({name: _width(self.model.get_submodule(name)) for name in sites})
+        self._install({name: _width(self.user_model.get_submodule(name)) for name in sites})
 
     def _install(self, widths: dict[str, int]) -> None:
-        ref = next(iter(self.model.get_submodule(next(iter(widths))).parameters()))
+        ref = next(iter(self.user_model.get_submodule(next(iter(widths))).parameters()))
         like = {"dtype": ref.dtype, "device": ref.device}
         stats = {}
         for name, width in widths.items():
@@ -74,7 +80,7 @@ class NeoModel(WrappedModel):
                 "capsa.neo (expected capsa.statistics.<layer>.mean/var and capsa.autoencoder.*)"
             )
         for name in widths:
-            find_site_layer(self.model, name, "neo")
+            find_site_layer(self.user_model, name, "neo")
         self._install(widths)
         expected = {"capsa." + k: list(v.shape) for k, v in self.capsa.state_dict().items()}
         got = {"capsa." + k: list(v) for k, v in shapes.items()}
@@ -94,9 +100,14 @@ class NeoModel(WrappedModel):
         stats = self.capsa.statistics
         self.capsa.statistics = nn.ModuleDict({site_key(n): stats[site_key(n)] for n in sites})
 
-    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def _site_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor, state: _CallState
+    ) -> None:
         x = args[0].detach()
-        self._require_batch_first(name, x, self._state.batch)
+        batch = state.batch
+        if x.dim() > 0 and x.shape[0] != batch and batch and x.shape[0] % batch == 0 and self.composed:
+            x = x.reshape(x.shape[0] // batch, batch, *x.shape[1:]).mean(dim=0)  # sample's passes, averaged
+        self._require_batch_first(name, x, batch)
         dim = feature_dim(module) % x.dim()
         pooled = [d for d in range(1, x.dim()) if d != dim]
         features = x.mean(dim=pooled) if pooled else x
@@ -107,9 +118,12 @@ class NeoModel(WrappedModel):
                 weight = torch.clamp(1.0 / (self.capsa.autoencoder["steps"] + 1.0), min=self.wrapper.momentum)
                 stats["mean"].lerp_(mean, weight)
                 stats["var"].lerp_(var, weight)
-        self._state.extra[name] = (features - stats["mean"]) * torch.rsqrt(stats["var"] + 1e-4)
+        state.extra[name] = (features - stats["mean"]) * torch.rsqrt(stats["var"] + 1e-4)
 
-    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+    def _groups(self) -> tuple[str, ...]:
+        return ("statistics", "autoencoder")
+
+    def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
         ae = self.capsa.autoencoder
         if self.training:
             with torch.no_grad():
@@ -118,7 +132,9 @@ class NeoModel(WrappedModel):
         code = torch.tanh(F.linear(z, ae["encoder_weight"], ae["encoder_bias"]))
         novelty = (z - F.linear(code, ae["decoder_weight"], ae["decoder_bias"])).square().mean(dim=-1)
         risk = novelty.reshape(-1, *([1] * (out.dim() - 1))).expand(out.shape).contiguous()
-        return out, risk
+        if inner is None:
+            return out, Risk(novelty=risk, task=self.wrapper.task)
+        return out, inner.replace(novelty=risk)
 
 
 def _width(module: nn.Module) -> int:
@@ -138,6 +154,7 @@ class Wrapper(_wrapper.Wrapper):
 
     name = "neo"
     wrapped_class = NeoModel
+    risk_kind = "novelty"
 
     latent_dim: int = Field(16, ge=1)
     momentum: float = Field(0.01, gt=0.0, le=1.0)

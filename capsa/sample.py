@@ -9,6 +9,11 @@ runs once), and returns their mean as the prediction and their standard deviatio
 In eval mode the passes use ``n_samples`` fixed noise masks drawn once from ``seed`` and shared by all samples, so a
 sample's prediction and risk are deterministic and do not depend on the rest of its batch: the passes are a fixed
 ensemble of thinned networks.
+
+Composed: ``sample(sculpt(model))`` runs sculpt's scale head on the noisy passes, so each pass predicts its own
+scale; the aleatoric risk is the root mean of the passes' variances and ``Risk.total`` the predictive standard
+deviation of the passes' mixture. ``neo(sample(model))`` reads the hidden layers averaged over the passes.
+Sample does not stack with vote (both give epistemic risk).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 
 from capsa import _wrapper
 from capsa._members import Task, reduce_members
+from capsa._risk import Risk
 from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, site_key
 
 __all__ = ["Bernoulli", "Gaussian", "SampleModel", "Wrapper"]
@@ -84,8 +90,8 @@ class SampleModel(WrappedModel):
                 hidden.append(call.name)
         if not hidden:
             raise ValueError(
-                f"capsa.sample: {type(self.model).__name__} has no hidden Linear/ConvNd layer before its output layer "
-                f"{output.name!r} to add noise after"
+                f"capsa.sample: {type(self.user_model).__name__} has no hidden Linear/ConvNd layer before its output "
+                f"layer {output.name!r} to add noise after"
             )
         if self.wrapper.noise_layers is None:
             return hidden[1:] or hidden
@@ -94,7 +100,7 @@ class SampleModel(WrappedModel):
     def _create_state(self, calls: dict[str, LayerCall]) -> None:
         sites = self._select_sites(list(calls.values()))
         for index, name in enumerate(sites):
-            module, call = self.model.get_submodule(name), calls[name]
+            module, call = self.user_model.get_submodule(name), calls[name]
             features = call.output_shape[feature_dim(module)]
             generator = torch.Generator().manual_seed(self.wrapper.seed * 100_003 + index)
             masks = self.wrapper.distribution.noise((self.wrapper.n_samples, features), generator=generator)
@@ -118,8 +124,8 @@ class SampleModel(WrappedModel):
         candidates += [n for n in reversed(before) if self._trace_counts[n] == 1 and n not in candidates]
         candidates.append(None)  # the model's input
         probe = x if (x.shape[0] > 1 or args or kwargs) else torch.cat([x, x])
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
+        modes = {m: m.training for m in self.user_model.modules()}
+        self.user_model.eval()
         failure: Exception | None = None
         try:
             for candidate in candidates:
@@ -139,7 +145,7 @@ class SampleModel(WrappedModel):
             for m, mode in modes.items():
                 m.training = mode
         raise ValueError(
-            f"capsa.sample: {type(self.model).__name__} does not run with its batch replicated for "
+            f"capsa.sample: {type(self.user_model).__name__} does not run with its batch replicated for "
             f"{self.wrapper.n_samples} passes, neither from a layer nor from its input: {failure}"
         ) from failure
 
@@ -159,8 +165,10 @@ class SampleModel(WrappedModel):
             return x.repeat(passes, *([1] * (x.dim() - 1)))
         return x
 
-    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        batch, passes = self._state.batch, self._passes(self._state)
+    def _site_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor, state: _CallState
+    ) -> Tensor:
+        batch, passes = state.batch, self._passes(state)
         if name == self._fork_at:
             self._require_batch_first(name, output, batch)
             output = output.unsqueeze(0)  # the noise below broadcasts it to every pass, no copy before that
@@ -186,12 +194,16 @@ class SampleModel(WrappedModel):
         output = output.mul_(noise) if in_place else output * noise
         return output.reshape(passes * batch, *output.shape[2:])
 
-    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+    def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
         passes = self._passes(state)
         members = out.reshape(passes, state.batch, *out.shape[1:])
+        scales = None
+        if inner is not None and inner.aleatoric is not None:
+            scales = inner.aleatoric.reshape(members.shape)
         if passes == 1:
-            return members[0], torch.zeros_like(members[0])
-        return reduce_members(members, self.wrapper.task, self.wrapper.class_dim)
+            aleatoric = None if scales is None else scales[0]
+            return members[0], Risk(aleatoric=aleatoric, epistemic=torch.zeros_like(members[0]), task=self.wrapper.task)
+        return reduce_members(members, self.wrapper.task, self.wrapper.class_dim, scales)
 
 
 class Wrapper(_wrapper.Wrapper):
@@ -210,6 +222,7 @@ class Wrapper(_wrapper.Wrapper):
 
     name = "sample"
     wrapped_class = SampleModel
+    risk_kind = "epistemic"
 
     n_samples: int = Field(8, ge=2)
     distribution: Distribution = Field(default_factory=Bernoulli)

@@ -3,6 +3,12 @@
 A second head, a copy of the model's output layer fed the same features, predicts a scale per output element.
 Train it with torch's own loss: ``y, risk = wrapped(x, return_risk=True)``;
 ``loss = torch.nn.functional.gaussian_nll_loss(y, target, risk**2)``.
+
+Composed, sculpt goes innermost (it gives ``Risk.aleatoric``): ``vote(sculpt(model))`` gives every voter its own
+scale head (the voters' copies of the output layer each come with a copy of the scale head), and
+``sample(sculpt(model))`` feeds the scale head the noisy passes, so each pass predicts its own scale. The outer
+wrapper mixes the members: aleatoric = root mean of the members' variances. Train composed models with
+``loss = gaussian_nll_loss(y, target, risk.aleatoric**2)``. Sculpt wraps regression models only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import Tensor, nn
 
 from capsa import _wrapper
 from capsa._layers import apply_layer, fresh_copies
+from capsa._risk import Risk
 from capsa._wrapper import OutputLayerModel, _CallState
 
 __all__ = ["Normal", "SculptModel", "Wrapper"]
@@ -44,11 +51,16 @@ class SculptModel(OutputLayerModel):
             params["bias"].fill_(math.log(math.e - 1.0))
         return params
 
-    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        raw = apply_layer(module, args[0], self.site_params(name))
-        self._state.extra["scale"] = F.softplus(raw) + self.wrapper.min_scale
+    def scale_from(self, raw: Tensor) -> Tensor:
+        """The scale (standard deviation) from the scale head's raw output."""
+        return F.softplus(raw) + self.wrapper.min_scale
 
-    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+    def _site_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor, state: _CallState
+    ) -> None:
+        state.extra["scale"] = self.scale_from(apply_layer(module, args[0], self.site_params(name)))
+
+    def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
         scale = state.extra["scale"]
         if scale.shape != out.shape:
             if scale.numel() != out.numel():
@@ -57,7 +69,7 @@ class SculptModel(OutputLayerModel):
                     f"{self._sites[0]!r} {tuple(scale.shape)}; sculpt needs that layer to produce the prediction"
                 )
             scale = scale.reshape(out.shape)
-        return out, scale
+        return out, Risk(aleatoric=scale)
 
 
 class Wrapper(_wrapper.Wrapper):
@@ -71,6 +83,7 @@ class Wrapper(_wrapper.Wrapper):
 
     name = "sculpt"
     wrapped_class = SculptModel
+    risk_kind = "aleatoric"
 
     distribution: Any = Field(Normal)
     min_scale: float = Field(1e-6, ge=0.0)

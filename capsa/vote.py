@@ -9,6 +9,13 @@ call), so the user's unchanged loss trains each voter on its own random share of
 keeps the part of its independent initialisation that the training data never constrain. On inputs like the
 training data the voters agree; on inputs whose features leave what the training data explored, they disagree.
 At inference all voters run as one batched computation.
+
+Composed: ``vote(sculpt(model))`` gives every voter its own scale head (``n_voters - 1`` copies of sculpt's head
+next to the voters' output layers), so the mixture's aleatoric risk is the root mean of the voters' variances and
+``Risk.total`` the mixture's predictive standard deviation. In training each sample's prediction and aleatoric
+risk come from its one random voter, so ``gaussian_nll_loss(y, target, risk.aleatoric**2)`` trains every voter's
+mean and scale heads on its own share of the data. ``neo(vote(model))`` adds novelty. Vote does not stack with
+sample (both give epistemic risk).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from torch import Tensor, nn
 from capsa import _wrapper
 from capsa._layers import apply_stacked, fresh_copies
 from capsa._members import Task, reduce_members
+from capsa._risk import Risk
 from capsa._wrapper import OutputLayerModel, _CallState
+from capsa.sculpt import SculptModel
 
 __all__ = ["VoteModel", "Wrapper"]
 
@@ -33,17 +42,36 @@ class VoteModel(OutputLayerModel):
     wrapper: Wrapper
     group = "voters"
 
-    def _new_state(self, module: nn.Module) -> dict[str, Tensor]:
-        return fresh_copies(module, self.wrapper.n_voters - 1)
+    @property
+    def _sculpt(self) -> SculptModel | None:
+        """The sculpt model this vote wraps (its scale head gets one copy per voter), or None."""
+        return self.model if isinstance(self.model, SculptModel) else None
 
-    def _site_hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    def _new_state(self, module: nn.Module) -> dict[str, Tensor]:
+        state = fresh_copies(module, self.wrapper.n_voters - 1)
+        if self._sculpt is not None:
+            heads = [self._sculpt._new_state(module) for _ in range(self.wrapper.n_voters - 1)]
+            state.update({f"scale_{k}": torch.stack([h[k] for h in heads]) for k in heads[0]})
+        return state
+
+    def _site_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor, state: _CallState
+    ) -> Tensor:
         x = args[0]
-        self._require_batch_first(name, x, self._state.batch)
-        others = apply_stacked(module, x, self.site_params(name))
+        self._require_batch_first(name, x, state.batch)
+        params = self.site_params(name)
+        others = apply_stacked(module, x, {k: params[k] for k in ("weight", "bias") if k in params})
         voters = torch.cat([output.unsqueeze(0), others])
+        sculpt = self._sculpt
+        if sculpt is not None:  # sculpt's hook ran first (it was built first) and holds voter 0's scale
+            inner = sculpt._active_state()
+            heads = {k[len("scale_") :]: v for k, v in params.items() if k.startswith("scale_")}
+            scales = sculpt.scale_from(apply_stacked(module, x, heads))
+            base = inner.extra["scale"]
+            inner.extra["scale"] = torch.cat([base.unsqueeze(0), scales]).reshape(-1, *base.shape[1:])
         return voters.reshape(-1, *output.shape[1:])
 
-    def _finish(self, out: Tensor, state: _CallState) -> tuple[Tensor, Tensor]:
+    def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
         n, batch = self.wrapper.n_voters, state.batch
         if out.shape[0] != n * batch:
             raise ValueError(
@@ -51,11 +79,11 @@ class VoteModel(OutputLayerModel):
                 f"{n} x {batch}; what follows the output layer must keep the batch dimension first"
             )
         voters = out.reshape(n, batch, *out.shape[1:])
-        prediction, risk = reduce_members(voters, self.wrapper.task, self.wrapper.class_dim)
-        if self.training:
-            pick = torch.randint(n, (batch,), device=out.device)
-            prediction = voters[pick, torch.arange(batch, device=out.device)]
-        return prediction, risk
+        scales = None
+        if inner is not None and inner.aleatoric is not None:
+            scales = inner.aleatoric.reshape(voters.shape)
+        pick = torch.randint(n, (batch,), device=out.device) if self.training else None
+        return reduce_members(voters, self.wrapper.task, self.wrapper.class_dim, scales, pick)
 
 
 class Wrapper(_wrapper.Wrapper):
@@ -70,6 +98,7 @@ class Wrapper(_wrapper.Wrapper):
 
     name = "vote"
     wrapped_class = VoteModel
+    risk_kind = "epistemic"
 
     n_voters: int = Field(5, ge=2)
     task: Task = "regression"
