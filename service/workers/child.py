@@ -43,10 +43,13 @@ def _run(model: Any, torch: Any, device: Any, array: np.ndarray) -> Outputs:
     x = torch.from_numpy(array)
     if device.type != "cpu":
         x = x.to(device, non_blocking=True)
+    import capsa  # loaded already with the model; one definition of the score
+
     with torch.inference_mode():
         y, risk = model(x, return_risk=True)
-        n = risk.shape[0]
-        score = risk.reshape(n, -1).float().mean(dim=1) if risk.dim() > 1 else risk.float()
+        score = capsa.risk_score(risk)
+        if isinstance(risk, capsa.Risk):  # a composed model: the served risk is the total
+            risk = risk.total
         if device.type != "cpu":
             y, risk, score = y.cpu(), risk.cpu(), score.cpu()
     return Outputs(np.ascontiguousarray(y.numpy()), np.ascontiguousarray(risk.numpy()),
