@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from service import __version__
-from service.errors import ApiError
+from service.errors import ApiError, internal_error
 from service.fastpath import ServingMiddleware
 from service.logging import AccessLog
 from service.manager import ModelManager
@@ -114,9 +114,10 @@ def create_app(settings: Settings) -> FastAPI:
         return _error(400, f"invalid request: {problems}")
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def unhandled_error(request: Request, exc: Exception) -> Response:
+        request_id = request.scope.get("capsa", {}).get("request_id")
+        error = internal_error(exc, request_id, request.url.path)
+        return _error(error.status, error.message)
 
     default_openapi = app.openapi
 

@@ -1,4 +1,5 @@
-"""``capsa-serve``: run the server with uvicorn (uvloop + httptools), with a graceful shutdown on SIGTERM.
+"""``capsa-serve``: run the server with uvicorn (uvloop + httptools, with the connection limits of
+:mod:`service.edge`), with a graceful shutdown on SIGTERM.
 
 On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and lets in-flight requests finish (bounded by
 ``CAPSA_DRAIN_TIMEOUT_S``); the app's lifespan then stops the workers, and the process exits with status 0, which is
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service import __version__
 from service.settings import Settings
@@ -35,11 +37,28 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--devices", help='"auto" (default), "cpu", or "cuda:0,cuda:1"')
     parser.add_argument("--workers-per-device", type=int, help="override every model's instances")
     parser.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
+    parser.add_argument("--repository-poll-s", type=float,
+                        help="poll the registry every N seconds for new, changed or removed models (default 0: off)")
+    parser.add_argument("--allowed-modules",
+                        help="comma-separated modules or module:factory entries bundles may run "
+                             "(default: the demo's factory only; 'architecture' allows bundle-local code)")
     parser.add_argument("--demo", action="store_true", default=None,
                         help="build a small demo model into a local registry and serve it")
     parser.add_argument("--version", action="version", version=f"capsa-serve {__version__}")
     args = parser.parse_args(argv)
     return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def settings_problems(exc: ValidationError | SettingsError) -> str:
+    """One line per invalid setting, naming the field and what is wrong but never the value (it may be a secret,
+    e.g. the S3 key in CAPSA_STORAGE_OPTIONS)."""
+    if isinstance(exc, SettingsError):  # a CAPSA_* value that is not valid JSON; the message names only the field
+        return f"  {exc} (not valid JSON)"
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  {field} (CAPSA_{str(error['loc'][0]).upper() if error['loc'] else ''}): {error['msg']}")
+    return "\n".join(lines)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -58,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings(**parse_args(argv))
-    except ValidationError as exc:
-        print(f"capsa-serve: invalid settings:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(f"capsa-serve: invalid settings:\n{settings_problems(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     if settings.demo:
-        from service.demo import prepare_demo
+        from service.demo import DemoError, prepare_demo
 
-        settings = settings.model_copy(update={"model_repository": prepare_demo(settings)})
+        try:
+            settings = settings.model_copy(update={"model_repository": prepare_demo(settings)})
+        except DemoError as exc:
+            print(f"capsa-serve: {exc}", file=sys.stderr)
+            return 1
     if not settings.model_repository:
         print("capsa-serve: give --model-repository (or CAPSA_MODEL_REPOSITORY), or --demo", file=sys.stderr)
         return 2
@@ -73,14 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.edge import EdgeLimits, EdgeServer, protocol_class
 
     app = create_app(settings)
+    limits = EdgeLimits.from_settings(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
+        app, host=settings.host, port=settings.port, loop="uvloop", http=protocol_class(limits), lifespan="on",
         access_log=False, log_config=None, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=30, server_header=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=settings.keep_alive_timeout_s,
+        server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = EdgeServer(config, limits, settings.shutdown_grace_s)
     try:
         sock = _bind(settings.host, settings.port)
     except OSError as exc:

@@ -1,8 +1,11 @@
 """The outermost ASGI layer: request ids, the body-size limit, access logs, and the inference fast path.
 
 Every request gets a request id (``X-Request-ID`` if the client sent one, else the V2 ``id``, else a generated one),
-echoed in the ``X-Request-ID`` response header and written in its JSON access line. A ``Content-Length`` over the
-limit gets 413 before any body is read.
+echoed in the ``X-Request-ID`` response header and written in its JSON access line; an ``X-Request-ID`` over
+:data:`~service.protocol.MAX_ID_LENGTH` characters gets 400 (neither echoed nor logged). A ``Content-Length`` over
+the limit gets 413 before any body is read: ``CAPSA_MAX_REQUEST_BYTES`` for V2 requests with binary tensor data,
+the lower ``CAPSA_MAX_JSON_REQUEST_BYTES`` for JSON bodies. An inference request for a model version whose queue is
+full (or that failed to load) gets 503 before its body is read or decoded.
 
 The inference routes (``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /v1/models/{m}:predict``) are served
 right here, without FastAPI's routing and dependency injection (which cost more per request than the whole rest
@@ -12,31 +15,31 @@ routes of those paths call. Those routes stay registered, so the OpenAPI docs de
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, body_too_large
-from service.inference import check_infer_token, v1_predict, v2_infer
+from service.errors import ApiError, body_too_large, internal_error
+from service.inference import check_infer_token, json_body_limit, lookup, shed, v1_predict, v2_infer
 from service.logging import AccessLog
-
-log = logging.getLogger("capsa.serve")
+from service.protocol import MAX_ID_LENGTH
 
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = (b"content-type", b"application/octet-stream")
 
 
 class ServingMiddleware:
-    """Request ids, body limit, access log and the inference fast path (see the module docstring)."""
+    """Request ids, body limits, access log and the inference fast path (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, state: Any) -> None:
         self.app = app
         self.state = state  # the FastAPI app's state: settings, manager (set by the lifespan)
         self.settings = state.settings
         self.limit = self.settings.max_request_bytes
+        self.json_limit = json_body_limit(self.settings)
+        self.json_named = self.json_limit < self.limit  # which setting a JSON 413 names
         self.access: AccessLog | None = state.access_log
         self._prefix = os.urandom(4).hex()
         self._counter = 0
@@ -56,9 +59,11 @@ class ServingMiddleware:
                 authorization = value.decode("latin-1")
             elif key == b"inference-header-content-length":
                 header_length = value.decode("latin-1")
-        if header_id is None:
+        bad_id = header_id is not None and len(header_id) > MAX_ID_LENGTH
+        if header_id is None or bad_id:
             self._counter += 1
             ctx: dict[str, Any] = {"request_id": f"{self._prefix}-{self._counter}"}
+            header_id = None
         else:
             ctx = {"request_id": header_id}
         scope["capsa"] = ctx
@@ -75,14 +80,31 @@ class ServingMiddleware:
 
         try:
             route = _fast_route(scope) if scope["method"] == "POST" else None
+            mv = not_found = None
+            json = False
+            limit = self.limit
+            if route is not None:
+                try:
+                    mv = lookup(self.state.manager, route[1], route[2])
+                except ApiError as exc:  # answered after the token check: no model names to strangers
+                    not_found = exc
+                if route[0] == "v1" or header_length is None:  # binary V2 may use the whole limit
+                    limit = self.json_limit
+                    json = self.json_named
             try:
-                if length is not None and length.isdigit() and int(length) > self.limit:
-                    raise body_too_large(self.limit)
+                if bad_id:
+                    raise ApiError(400, f"X-Request-ID is longer than {MAX_ID_LENGTH} characters")
+                if length is not None and length.isdigit() and int(length) > limit:
+                    raise body_too_large(limit, json)
                 if route is not None:
                     check_infer_token(self.settings, authorization)
-                    body = await self._body(receive)
+                    if not_found is not None:
+                        raise not_found
+                    shed(mv, self.settings, ctx["request_id"])
+                    body = await self._body(receive, limit, json)
             except ApiError as exc:
-                self._count_failure(route)
+                if mv is not None:
+                    mv.metrics.failure.inc()
                 await self._error(send_with_id, exc)
                 return
             if route is None:
@@ -90,16 +112,14 @@ class ServingMiddleware:
                 return
             try:
                 if route[0] == "v2":
-                    content, json_length = await v2_infer(self.state.manager, self.settings, ctx, route[1],
-                                                          route[2], body, header_length)
+                    content, json_length = await v2_infer(mv, self.settings, ctx, body, header_length)
                 else:
-                    content, json_length = await v1_predict(self.state.manager, self.settings, route[1], body), None
+                    content, json_length = await v1_predict(mv, self.settings, ctx, body), None
             except ApiError as exc:
                 await self._error(send_with_id, exc)
                 return
             except Exception as exc:  # a bug: answer 500 in the same JSON form, and log it
-                log.error("unhandled error", exc_info=exc, extra={"path": scope["path"]})
-                await self._error(send_with_id, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+                await self._error(send_with_id, internal_error(exc, ctx["request_id"], scope["path"]))
                 return
             headers = _JSON if json_length is None else [
                 _BINARY, (b"inference-header-content-length", str(json_length).encode())
@@ -115,21 +135,16 @@ class ServingMiddleware:
                     "client": scope["client"][0] if scope.get("client") else None,
                 })
 
-    def _count_failure(self, route: tuple[str, str, str | None] | None) -> None:
-        """An infer request for a known model answered before reaching the model: count it as a failure."""
-        if route is not None:
-            try:
-                mv = self.state.manager.resolve(route[1], route[2])
-            except LookupError:
-                return
-            mv.metrics.failure.inc()
+    async def _body(self, receive: Receive, limit: int, json: bool) -> bytes:
+        """Read the whole body, refusing more than ``limit`` even without a Content-Length.
 
-    async def _body(self, receive: Receive) -> bytes:
-        """Read the whole body, refusing more than the limit even without a Content-Length."""
+        A client that sends too slowly is cut off by the connection's body deadline (:mod:`service.edge`): this
+        loop then sees the disconnect.
+        """
         message = await receive()
         body = message.get("body", b"")
-        if len(body) > self.limit:
-            raise body_too_large(self.limit)
+        if len(body) > limit:
+            raise body_too_large(limit, json)
         if not message.get("more_body", False):
             return body
         chunks = [body]
@@ -140,8 +155,8 @@ class ServingMiddleware:
                 raise ApiError(400, "the client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                raise body_too_large(self.limit)
+            if size > limit:
+                raise body_too_large(limit, json)
             chunks.append(chunk)
         return b"".join(chunks)
 

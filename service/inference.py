@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -16,11 +17,20 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.batching import ServeError
+from service.batching import ModelError, ServeError
 from service.errors import ApiError
 from service.manager import ModelManager, ModelVersion, NotFound
-from service.protocol import DATATYPES, ProtocolError, check_input, decode_infer_request, encode_infer_response
+from service.protocol import (
+    ProtocolError,
+    check_input,
+    check_signature,
+    encode_infer_response,
+    json_array,
+    parse_infer_request,
+)
 from service.settings import Settings
+
+log = logging.getLogger("capsa.serve")
 
 OUTPUT_NAMES = ("prediction", "risk", "risk_score", "flagged")
 
@@ -37,12 +47,32 @@ def check_infer_token(settings: Settings, authorization: str | None) -> None:
                        {"WWW-Authenticate": "Bearer"})
 
 
+def json_body_limit(settings: Settings) -> int:
+    """The body limit of JSON requests: CAPSA_MAX_JSON_REQUEST_BYTES, or CAPSA_MAX_REQUEST_BYTES if lower."""
+    return min(settings.max_json_request_bytes, settings.max_request_bytes)
+
+
 def lookup(manager: ModelManager, name: str, version: str | None) -> ModelVersion:
-    """The served model version, or 404."""
+    """The served model version, or 404. A version is a canonical decimal: ``1``, never ``01``, ``+1`` or
+    full-width digits."""
+    if version is not None and not (version.isascii() and version.isdigit() and version[0] != "0"):
+        raise ApiError(404, f"model '{name}' has no served version {version[:32]!r} (versions are positive "
+                            "decimal integers without leading zeros)")
     try:
         return manager.resolve(name, version)
     except NotFound as exc:
         raise ApiError(404, str(exc)) from None
+
+
+def shed(mv: ModelVersion, settings: Settings, request_id: str) -> None:
+    """Answer 503 at once, before the body is read or decoded, when the model version cannot take the request: it
+    failed to load, or its queue is full. Cheap refusals keep goodput near capacity under overload."""
+    if mv.batcher.full():
+        raise ApiError(503, f"model '{mv.name}' version {mv.version}: the queue is full "
+                            f"({mv.batcher.max_queue_size} requests); retry later",
+                       {"Retry-After": str(settings.retry_after_s)})
+    if mv.state == "UNAVAILABLE":
+        raise _unavailable(mv, request_id, settings.retry_after_s)
 
 
 def risk_threshold(mv: ModelVersion, parameters: dict[str, Any] | None) -> float | None:
@@ -50,24 +80,59 @@ def risk_threshold(mv: ModelVersion, parameters: dict[str, Any] | None) -> float
     value = (parameters or {}).get("risk_threshold", mv.risk_threshold)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ProtocolError("parameters.risk_threshold must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ProtocolError("parameters.risk_threshold must be a finite number >= 0 (risk is never negative)")
     return float(value)
 
 
+def _unavailable(mv: ModelVersion, request_id: str, retry_after_s: int) -> ApiError:
+    """The generic 503 for a version that failed to load; the reason goes to the log and the repository index."""
+    log.warning("request to an unavailable model version", extra={
+        "request_id": request_id, "model": mv.name, "version": mv.version, "reason": mv.reason})
+    return ApiError(503, f"model '{mv.name}' version {mv.version} is unavailable (request id {request_id}); "
+                         "the server log and the repository index say why", {"Retry-After": str(retry_after_s)})
+
+
+def _not_finite(name: str, pred: np.ndarray, score: np.ndarray) -> ProtocolError | None:
+    """None when every sample's prediction and risk score are finite, else the error that refuses the request.
+
+    Risk is never negative, so its mean (the score) is finite exactly when every risk value is, and an overflow of
+    the mean counts too. A NaN score would compare False with any threshold (and be ``null`` in JSON): serving it
+    would report the most out-of-range input as the least risky, so the request is refused instead.
+    """
+    if np.isfinite(score).all() and (pred.dtype.kind != "f" or np.isfinite(pred).all()):
+        return None
+    finite = np.isfinite(score)
+    if pred.dtype.kind == "f":
+        finite &= np.isfinite(pred.reshape(pred.shape[0], -1)).all(axis=1)
+    bad = np.flatnonzero(~finite).tolist()
+    listed = f"{bad[:20]}" + (" ..." if len(bad) > 20 else "")
+    return ProtocolError(f"input '{name}': the model's output is not finite for sample(s) {listed} (the input "
+                         "is outside the range the model can compute, so its risk is unbounded); the request is "
+                         "refused rather than answered with a meaningless risk")
+
+
 async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, threshold: float | None,
-               retry_after_s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+               request_id: str, retry_after_s: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Validate one input, run it through the batcher, return its own rows and record per-sample metrics."""
     if mv.state == "UNAVAILABLE":
-        raise ApiError(503, f"model '{mv.name}' version {mv.version} is unavailable: {mv.reason}",
-                       {"Retry-After": str(retry_after_s)})
+        raise _unavailable(mv, request_id, retry_after_s)
     check_input(name, datatype, array, mv.input.datatype, mv.input.shape,
                 max_batch_size=mv.max_batch_size, allow_non_finite=mv.allow_non_finite)
     try:
         pred, risk, score = await mv.batcher.submit(array)
+    except ModelError as exc:
+        log.error("the model failed on a request", extra={
+            "request_id": request_id, "model": mv.name, "version": mv.version, "error": str(exc)})
+        raise ApiError(500, f"model '{mv.name}' version {mv.version} failed on this request (request id "
+                            f"{request_id}); the server log has the details") from None
     except ServeError as exc:
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         raise ApiError(exc.status, f"model '{mv.name}' version {mv.version}: {exc}", headers) from None
+    refused = _not_finite(name, pred, score)
+    if refused is not None:
+        raise refused
     m = mv.metrics
     m.observe_risk(score)
     flagged = None
@@ -79,18 +144,24 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     return pred, risk, score, flagged
 
 
-async def v2_infer(manager: ModelManager, settings: Settings, ctx: dict[str, Any], name: str,
-                   version: str | None, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
-    """Serve a V2 infer request body; returns the response body and its JSON header length (binary outputs).
+async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes,
+                   header_length: str | None) -> tuple[bytes, int | None]:
+    """Serve a V2 infer request body for ``mv`` (see :func:`lookup`); returns the response body and its JSON
+    header length (binary outputs).
 
-    ``ctx["request_id"]`` is set to the request's ``id`` when it has one (for the access log).
+    Everything cheap is checked before the tensor data is decoded: the requested outputs, the threshold, the
+    input's name, datatype, shape and batch size. ``ctx["request_id"]`` is set to the request's ``id`` when it has
+    one (for the access log).
     """
-    mv = lookup(manager, name, version)
     with _accounted(mv):
         try:
-            req = decode_infer_request(body, int(header_length) if header_length is not None else None)
-        except ValueError as exc:  # ProtocolError, or a malformed Inference-Header-Content-Length
-            raise ProtocolError(str(exc)) from None
+            length = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise ProtocolError(f"Inference-Header-Content-Length {header_length[:32]!r} is not an integer") from None
+        if length is not None and length > json_body_limit(settings):
+            raise ApiError(413, f"the JSON header exceeds the limit of {json_body_limit(settings)} bytes "
+                                "(CAPSA_MAX_JSON_REQUEST_BYTES)")
+        req = parse_infer_request(body, length)
         if req.id is not None:
             ctx["request_id"] = req.id
         if len(req.inputs) != 1 or mv.input.name not in req.inputs:
@@ -107,17 +178,18 @@ async def v2_infer(manager: ModelManager, settings: Settings, ctx: dict[str, Any
                     raise ProtocolError(f"output '{out_name}' does not exist; outputs are {list(OUTPUT_NAMES)}")
                 if out_name == "flagged" and threshold is None:
                     raise ProtocolError("output 'flagged' needs parameters.risk_threshold (the model sets none)")
-        datatype, array = req.inputs[mv.input.name]
-        pred, risk, score, flagged = await _run(mv, mv.input.name, datatype, array, threshold,
-                                                settings.retry_after_s)
+        tensor = req.inputs[mv.input.name]
+        check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
+                        max_batch_size=mv.max_batch_size)
+        pred, risk, score, flagged = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
+                                                ctx["request_id"], settings.retry_after_s)
         tensors = {"prediction": pred, "risk": risk, "risk_score": score, "flagged": flagged}
         return encode_infer_response(mv.name, mv.version_str, req.id,
                                      [(n, tensors[n], binary) for n, binary in wanted])
 
 
-async def v1_predict(manager: ModelManager, settings: Settings, name: str, body: bytes) -> bytes:
+async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:
     """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``."""
-    mv = lookup(manager, name, None)
     with _accounted(mv):
         try:
             req = orjson.loads(body)
@@ -129,12 +201,14 @@ async def v1_predict(manager: ModelManager, settings: Settings, name: str, body:
         if parameters is not None and not isinstance(parameters, dict):
             raise ProtocolError("'parameters' must be an object")
         threshold = risk_threshold(mv, parameters)
-        try:
-            array = np.asarray(req["instances"], dtype=DATATYPES[mv.input.datatype])
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ProtocolError(f"'instances' is not a regular array of {mv.input.datatype}: {exc}") from None
+        instances = req["instances"]
+        if len(instances) > mv.max_batch_size:
+            raise ProtocolError(f"'instances': batch size {len(instances)} exceeds the model's max_batch_size "
+                                f"{mv.max_batch_size}")
+        array = json_array("instances", instances, mv.input.datatype,
+                           maybe_bools=b"true" in body or b"false" in body)
         pred, risk, score, flagged = await _run(mv, "instances", mv.input.datatype, array, threshold,
-                                                settings.retry_after_s)
+                                                ctx["request_id"], settings.retry_after_s)
         result = {"predictions": pred, "risk": risk, "risk_score": score}
         if flagged is not None:
             result["flagged"] = flagged

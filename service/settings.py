@@ -10,7 +10,11 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from capsa.manifest import parse_allowed_modules
+
 MIB = 1024 * 1024
+#: The built-in demo's architecture (service.demo.ARCHITECTURE): the only code a server runs by default.
+DEMO_ARCHITECTURE = "service.demo:build_demo_model"
 
 
 class Settings(BaseSettings):
@@ -38,7 +42,36 @@ class Settings(BaseSettings):
     infer_token: SecretStr | None = Field(
         None, description="Optional bearer token required by the inference routes."
     )
-    max_request_bytes: int = Field(64 * MIB, ge=1, description="Largest accepted request body (else 413).")
+    max_request_bytes: int = Field(
+        64 * MIB, ge=1, description="Largest accepted request body (else 413); binary tensor requests."
+    )
+    max_json_request_bytes: int = Field(
+        8 * MIB, ge=1,
+        description="Largest accepted JSON body (else 413): V1, V2 without binary data, and the JSON header of a "
+                    "binary request. Lower than max_request_bytes because parsed JSON takes ~10x its size in memory.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's complete headers within this time (else it is "
+                                "closed): from the connection's start or from a request's first byte."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request's body must arrive within this time after its headers (else 408)."
+    )
+    keep_alive_timeout_s: float = Field(
+        75.0, gt=0, description="Idle keep-alive connections are closed after this time; keep it above the idle "
+                                "timeout of the proxy in front (60 s on most load balancers)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line plus headers (else 431 and the connection closes)."
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Open client connections beyond which new ones get 503 and are closed. Default: "
+                                "the open-file limit minus a reserve for worker pipes and files (see cli.py)."
+    )
+    shutdown_grace_s: float = Field(
+        2.0, ge=0, description="On SIGTERM, how long idle keep-alive connections stay open, so that a request "
+                               "already on its way is answered (with Connection: close) instead of reset."
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of an inference request, queueing included (else 504)."
     )
@@ -53,18 +86,43 @@ class Settings(BaseSettings):
         None, description="Local cache for bundles fetched from a remote registry, and for the demo model."
     )
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options for a remote registry (JSON object)."
+        default_factory=dict, repr=False,
+        description="fsspec storage options for a remote registry (JSON object; may hold secrets: never printed).",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the JSON logs."
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
     demo: bool = Field(False, description="Build a small demo model into a local registry and serve it.")
+    allowed_modules: str = Field(
+        DEMO_ARCHITECTURE,
+        description="Comma-separated code bundles may run: dotted module prefixes (\"acme.models\") or exact "
+                    "factories (\"acme.models:build\"); \"architecture\" allows bundle-local code. A model's "
+                    "config.json can only narrow it. Default: only the built-in demo's factory.",
+    )
+    repository_poll_s: float = Field(
+        0.0, ge=0, description="Poll the registry every N seconds and load, reload or unload what changed "
+                               "(0: off; then only startup and the repository routes load models)."
+    )
+    strict_readiness: bool = Field(
+        False, description="Ready only when every model version is loaded (Triton's strict readiness); by default "
+                           "ready once every version has loaded or failed with a reason and one model serves."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("allowed_modules")
+    @classmethod
+    def _check_allowed_modules(cls, value: str) -> str:
+        parse_allowed_modules(value, setting="CAPSA_ALLOWED_MODULES")
+        return value
+
+    def allowed_module_list(self) -> list[str]:
+        """``CAPSA_ALLOWED_MODULES`` as a list: the operator's allow-list of code that bundles may run."""
+        return parse_allowed_modules(self.allowed_modules, setting="CAPSA_ALLOWED_MODULES")
 
     @field_validator("devices")
     @classmethod

@@ -57,13 +57,14 @@ AdminAuth = Depends(require_admin)
 InferAuth = Depends(require_infer_token)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes even without a Content-Length."""
+async def read_body(request: Request, limit: int, json: bool = False) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes even without a Content-Length (``json``: the
+    limit is CAPSA_MAX_JSON_REQUEST_BYTES, for the message)."""
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise body_too_large(limit)
+            raise body_too_large(limit, json)
         chunks.append(chunk)
     return b"".join(chunks)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.inference import v1_predict
+from service.errors import ApiError
+from service.inference import json_body_limit, lookup, shed, v1_predict
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
 from service.routes.v2 import ERRORS
 from service.schemas import PredictRequest, PredictResponse, request_body
@@ -17,5 +18,13 @@ router = APIRouter(tags=["v1"])
 async def predict(model_name: str, request: Request, manager: ManagerDep, settings: SettingsDep) -> Response:
     """Each instance is one sample (one row of the model's input); returns ``predictions``, ``risk``,
     ``risk_score`` (and ``flagged`` when a risk threshold is set)."""
-    body = await read_body(request, settings.max_request_bytes)
-    return Response(await v1_predict(manager, settings, model_name, body), media_type="application/json")
+    ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
+    mv = lookup(manager, model_name, None)
+    try:
+        shed(mv, settings, ctx["request_id"])
+        body = await read_body(request, json_body_limit(settings),
+                               json_body_limit(settings) < settings.max_request_bytes)
+    except ApiError:
+        mv.metrics.failure.inc()
+        raise
+    return Response(await v1_predict(mv, settings, ctx, body), media_type="application/json")

@@ -8,7 +8,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service import __version__
-from service.inference import lookup, v2_infer
+from service.errors import ApiError
+from service.inference import json_body_limit, lookup, shed, v2_infer
 from service.manager import ModelManager, ModelVersion
 from service.protocol import HEADER_LENGTH
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
@@ -97,9 +98,18 @@ _INFER_DOC: dict[str, Any] = {
 
 async def _infer(request: Request, manager: ModelManager, settings: Settings, name: str,
                  version: str | None) -> Response:
-    body = await read_body(request, settings.max_request_bytes)
-    content, json_length = await v2_infer(manager, settings, request.scope.setdefault("capsa", {}), name, version,
-                                          body, request.headers.get(HEADER_LENGTH))
+    ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
+    mv = lookup(manager, name, version)
+    header_length = request.headers.get(HEADER_LENGTH)
+    try:
+        shed(mv, settings, ctx["request_id"])
+        json = header_length is None
+        body = await read_body(request, json_body_limit(settings) if json else settings.max_request_bytes,
+                               json and json_body_limit(settings) < settings.max_request_bytes)
+    except ApiError:
+        mv.metrics.failure.inc()
+        raise
+    content, json_length = await v2_infer(mv, settings, ctx, body, header_length)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

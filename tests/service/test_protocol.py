@@ -9,12 +9,21 @@ import orjson
 import pytest
 
 from service.protocol import (
+    InferRequest,
     ProtocolError,
     check_input,
-    decode_infer_request,
     decode_infer_response,
     encode_infer_response,
+    parse_infer_request,
 )
+
+
+def decode_infer_request(raw: bytes, header_length: int | None = None) -> InferRequest:
+    """Parse, then decode every input (what the server does, one step at a time)."""
+    req = parse_infer_request(raw, header_length)
+    for tensor in req.inputs.values():
+        tensor.decode()
+    return req
 
 
 def body(inputs: list, **extra: object) -> bytes:
@@ -27,7 +36,7 @@ def test_flat_and_nested_json_data_decode_row_major() -> None:
         body([{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, 6]]}], id="a")
     )
     for req in (flat, nested):
-        datatype, array = req.inputs["x"]
+        datatype, array = req.inputs["x"].datatype, req.inputs["x"].decode()
         assert datatype == "FP32" and array.dtype == np.float32 and array.shape == (2, 3)
         np.testing.assert_array_equal(array, [[1, 2, 3], [4, 5, 6]])
     assert nested.id == "a" and flat.id is None and flat.outputs is None
@@ -43,7 +52,7 @@ def test_binary_round_trip_every_datatype(datatype: str) -> None:
     raw = values.tobytes()
     head = body([{"name": "x", "datatype": datatype, "shape": [2, 3], "parameters": {"binary_data_size": len(raw)}}])
     req = decode_infer_request(head + raw, len(head))
-    np.testing.assert_array_equal(req.inputs["x"][1], values)
+    np.testing.assert_array_equal(req.inputs["x"].decode(), values)
     content, length = encode_infer_response("m", "1", "id-1", [("y", values, True), ("z", values, False)])
     assert length is not None
     decoded = decode_infer_response(content, length)
@@ -60,8 +69,8 @@ def test_two_binary_inputs_are_read_in_order() -> None:
         {"name": "b", "datatype": "INT64", "shape": [3], "parameters": {"binary_data_size": 24}},
     ])
     req = decode_infer_request(head + a.tobytes() + b.tobytes(), len(head))
-    np.testing.assert_array_equal(req.inputs["a"][1], a)
-    np.testing.assert_array_equal(req.inputs["b"][1], b)
+    np.testing.assert_array_equal(req.inputs["a"].decode(), a)
+    np.testing.assert_array_equal(req.inputs["b"].decode(), b)
 
 
 def test_output_selection_and_binary_flags() -> None:
@@ -97,7 +106,7 @@ def test_json_response_is_plain_json() -> None:
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}]}', None,
          "input 'x': data is not a regular array"),
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]}', None,
-         "input 'x': data is not a regular array of FP32"),
+         "input 'x': data must be numbers for FP32, found strings"),
         (b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}', None,
          "input 'x': datatype 'BYTES' is not supported"),
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}', None,
@@ -115,7 +124,21 @@ def test_json_response_is_plain_json() -> None:
         (b'{"id": 5, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', None,
          "'id' must be a string"),
         (b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}', None,
-         "input 'x': data is not a regular array of UINT8"),
+         "input 'x': data is out of range for UINT8"),
+        (b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [2], "data": [1, 2.5]}]}', None,
+         "input 'x': data must be integers for INT32, found non-integer numbers"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, true]}]}', None,
+         "input 'x': data must be numbers for FP32, found booleans"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, null]}]}', None,
+         "input 'x': data must be numbers for FP32, found null"),
+        (b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [2], "data": [1, 0]}]}', None,
+         "input 'x': data must be booleans for BOOL, found integers"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2, 3]}]}', None,
+         "input 'x': data has 3 elements, shape [1, 2] needs 2 (or 1 rows)"),
+        (b'{"id": "' + b"i" * 129 + b'", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+         None, "'id' is longer than 128 characters"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],'
+         b' "outputs": [{"name": "risk"}, {"name": "risk"}]}', None, "output 'risk' appears twice"),
     ],
 )
 def test_malformed_requests_name_the_problem(raw: bytes, header_length: int | None, message: str) -> None:
@@ -146,3 +169,23 @@ def test_check_input_against_the_signature() -> None:
     with pytest.raises(ProtocolError, match="non-finite"):
         check_input("x", "FP32", bad, "FP32", [-1, 4], max_batch_size=8, allow_non_finite=False)
     check_input("x", "FP32", bad, "FP32", [-1, 4], max_batch_size=8, allow_non_finite=True)
+
+
+def test_the_signature_is_checked_before_the_data_is_decoded() -> None:
+    """parse_infer_request leaves the data alone: a bad shape is found without converting a single value."""
+    from service.protocol import check_signature
+
+    req = parse_infer_request(body([{"name": "x", "datatype": "FP32", "shape": [9, 4], "data": ["junk"] * 36}]))
+    tensor = req.inputs["x"]
+    assert tensor.shape == (9, 4) and tensor.data == ["junk"] * 36
+    with pytest.raises(ProtocolError, match="batch size 9 exceeds the model's max_batch_size 8"):
+        check_signature("x", tensor.datatype, tensor.shape, "FP32", [-1, 4], max_batch_size=8)
+
+
+def test_numbers_next_to_json_booleans_elsewhere_decode() -> None:
+    """A request with true/false outside the data (tritonclient's binary_data flags) still decodes its numbers."""
+    req = parse_infer_request(body([{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [[1, 2.5]]}],
+                                   outputs=[{"name": "risk", "parameters": {"binary_data": False}}]))
+    np.testing.assert_array_equal(req.inputs["x"].decode(), np.array([[1, 2.5]], np.float32))
+    big = parse_infer_request(body([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1e39]}]))
+    assert np.isinf(big.inputs["x"].decode()).all()  # overflow becomes inf, which check_input then refuses

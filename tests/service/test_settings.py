@@ -18,8 +18,11 @@ def test_every_field_is_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
         "CAPSA_REQUEST_TIMEOUT_S": "2.5", "CAPSA_DRAIN_TIMEOUT_S": "7", "CAPSA_WORKER_START_TIMEOUT_S": "60",
         "CAPSA_RETRY_AFTER_S": "3", "CAPSA_CACHE_DIR": "/tmp/c", "CAPSA_STORAGE_OPTIONS": '{"anon": true}',
         "CAPSA_LOG_LEVEL": "DEBUG", "CAPSA_ACCESS_LOG": "false", "CAPSA_DEMO": "true",
+        "CAPSA_MAX_JSON_REQUEST_BYTES": "512", "CAPSA_HEADER_TIMEOUT_S": "4", "CAPSA_BODY_TIMEOUT_S": "6",
+        "CAPSA_KEEP_ALIVE_TIMEOUT_S": "9", "CAPSA_MAX_HEADER_BYTES": "2048", "CAPSA_MAX_CONNECTIONS": "100",
+        "CAPSA_SHUTDOWN_GRACE_S": "0.5",
     }
-    assert {f"CAPSA_{name.upper()}" for name in Settings.model_fields} == set(env)
+    assert set(env) <= {f"CAPSA_{name.upper()}" for name in Settings.model_fields}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s = Settings()
@@ -28,6 +31,36 @@ def test_every_field_is_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.storage_options == {"anon": True} and s.log_level == "debug" and s.access_log is False and s.demo
     assert s.request_timeout_s == 2.5 and s.max_request_bytes == 1024 and s.workers_per_device == 2
     assert "xyzzy" not in repr(s)
+    assert (s.max_json_request_bytes, s.header_timeout_s, s.body_timeout_s, s.keep_alive_timeout_s,
+            s.max_header_bytes, s.max_connections, s.shutdown_grace_s) == (512, 4, 6, 9, 2048, 100, 0.5)
+
+
+def test_invalid_settings_never_print_their_values(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped CAPSA_STORAGE_OPTIONS (it holds S3 keys) is reported by name, never by value."""
+    from service.cli import main
+
+    for value in ('["AKIA-SECRET-1"]', '{"secret": "AKIA-SECRET-1"', '"AKIA-SECRET-1"'):
+        monkeypatch.setenv("CAPSA_STORAGE_OPTIONS", value)
+        assert main(["--model-repository", "/nonexistent"]) == 2
+        err = capsys.readouterr().err
+        assert "storage_options" in err and "AKIA-SECRET-1" not in err, err
+    monkeypatch.setenv("CAPSA_STORAGE_OPTIONS", '{"secret": "AKIA-SECRET-1"}')
+    assert "AKIA-SECRET-1" not in repr(Settings())
+    assert Settings().storage_options == {"secret": "AKIA-SECRET-1"}
+
+
+def test_the_connection_cap_keeps_file_descriptors_for_the_workers() -> None:
+    import resource
+
+    from service.edge import EdgeLimits, fd_connection_cap
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = fd_connection_cap()
+    assert 8 <= cap < soft and soft - cap >= min(64, soft // 2)
+    assert EdgeLimits.from_settings(Settings()).max_connections == cap
+    assert EdgeLimits.from_settings(Settings(max_connections=soft * 2)).max_connections == cap
+    assert EdgeLimits.from_settings(Settings(max_connections=5)).max_connections == 5
 
 
 def test_defaults_and_cli_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
