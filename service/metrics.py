@@ -6,16 +6,18 @@ so the hot path does no label lookups.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE", "Metrics", "VersionMetrics"]
+__all__ = ["CONTENT_TYPE", "VERSION_STATES", "Metrics", "VersionMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LABELS = ("model", "version")
+VERSION_STATES = ("ready", "loading", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RISK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
 
@@ -73,6 +75,18 @@ class Metrics:
                                     _LABELS, buckets=_RISK_BUCKETS, registry=r)
         self.flagged = Counter("capsa_flagged", "Samples flagged as risky (risk_score above the threshold).",
                                _LABELS, registry=r)
+        self.versions = Gauge("capsa_model_versions",
+                              "Model versions that should be served, by state (ready, loading, failed); exported "
+                              "even with an empty registry, so an alert can see that nothing is ready.",
+                              ("state",), registry=r)
+        for state in VERSION_STATES:
+            self.versions.labels(state).set(0)
+        self.load_failed = Gauge("capsa_model_load_failed",
+                                 "1 while the model version failed to load (the reason is in the log and the "
+                                 "repository index), 0 once it is loaded. Version 0 stands for the whole model.",
+                                 _LABELS, registry=r)
+        self._failed_labels: set[tuple[str, str]] = set()
+        self._before_render: list[Callable[[], None]] = []
 
     def for_version(self, model: str, version: int | str) -> VersionMetrics:
         """The bound children for one model version (created at zero so they show up before traffic)."""
@@ -91,6 +105,31 @@ class Metrics:
             flagged=self.flagged.labels(*labels),
         )
 
+    def before_render(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` before every exposition (state gauges computed at scrape time, not on every change)."""
+        self._before_render.append(hook)
+
+    def set_version_states(self, counts: dict[str, int], failed: Iterable[tuple[str, str]],
+                           loaded: Iterable[tuple[str, str]]) -> None:
+        """Export the model versions' states: counts per state, and ``capsa_model_load_failed`` per version.
+
+        ``failed`` versions get 1; ``loaded`` ones that failed before get 0; failed ones that are gone (neither
+        failed nor loaded now) lose their series, so retired versions do not accumulate.
+        """
+        for state in VERSION_STATES:
+            self.versions.labels(state).set(counts.get(state, 0))
+        failed, loaded = set(failed), set(loaded)
+        for labels in failed:
+            self.load_failed.labels(*labels).set(1)
+        for labels in self._failed_labels - failed:
+            if labels in loaded:
+                self.load_failed.labels(*labels).set(0)
+            else:
+                self.load_failed.remove(*labels)
+        self._failed_labels = failed | (self._failed_labels & loaded)
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
+        for hook in self._before_render:
+            hook()
         return generate_latest(self.registry)

@@ -36,8 +36,9 @@ from capsa.manifest import (
     WEIGHTS_FILE,
     BundleError,
     BundleManifest,
-    architecture_allowed,
+    architecture_refusal,
     check_bundle,
+    narrow_allowed,
     parse_manifest,
 )
 from service.model_config import ConfigError, ModelConfig
@@ -47,6 +48,8 @@ __all__ = ["AVAILABLE", "UNAVAILABLE", "Registry", "RegistryError", "VersionStat
 AVAILABLE = "AVAILABLE"
 UNAVAILABLE = "UNAVAILABLE"
 CONFIG_FILE = "config.json"
+#: Where the operator's allow-list of code comes from (named in refusals).
+ALLOWED_SETTING = "CAPSA_ALLOWED_MODULES"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
@@ -101,6 +104,7 @@ class Registry:
     Listings are read fresh on every call (no fsspec listing cache), so a polling server sees new versions.
     Bundles in a remote store are downloaded by `fetch` into ``cache_dir`` (default: a folder in the system
     temp directory), keyed by the content of their ``capsa.json`` and ``architecture.py``.
+    ``allowed_modules`` is the operator's allow-list (``CAPSA_ALLOWED_MODULES``; see `architecture_problem`).
     """
 
     def __init__(
@@ -109,8 +113,10 @@ class Registry:
         *,
         cache_dir: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
+        allowed_modules: list[str] | None = None,
     ) -> None:
         self.root = os.fspath(root)
+        self.allowed_modules = allowed_modules
         try:
             self._fs, self._base, self._local = _open_fs(self.root, storage_options)
         except (ValueError, ImportError) as exc:
@@ -179,6 +185,31 @@ class Registry:
                 files[parts[1]] = int(entry.get("size") or 0)
         return versions
 
+    def fingerprint(self, name: str) -> str:
+        """A digest of what serving ``name`` depends on, cheap enough to poll: its ``config.json`` and every file
+        of its complete versions (name, size, modification time or ETag). It changes when a version is published,
+        replaced or removed, or a file or the config is changed."""
+        check_name(name)
+        self._fresh()
+        model_dir = self._path(name)
+        try:
+            found = self._fs.find(model_dir, maxdepth=2, withdirs=False, detail=True)
+        except FileNotFoundError:
+            found = {}
+        except OSError as exc:
+            raise RegistryError(f"{self._url(name)}: cannot list versions: {exc}") from exc
+        prefix = model_dir.rstrip("/") + "/"
+        rows = []
+        for path, entry in found.items():
+            rel = path[len(prefix) :] if path.startswith(prefix) else ""
+            parts = rel.strip("/").split("/")
+            if rel == CONFIG_FILE or (len(parts) == 2 and _VERSION_RE.match(parts[0])):
+                stamp = entry.get("ETag") or entry.get("LastModified") or entry.get("mtime") or entry.get("created")
+                rows.append(f"{rel}\0{entry.get('size')}\0{stamp}")
+        complete = {r.split("/", 1)[0] for r in rows if r.split("\0", 1)[0].endswith("/" + MANIFEST_FILE)}
+        rows = [r for r in rows if r.startswith(CONFIG_FILE) or r.split("/", 1)[0] in complete]
+        return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+
     def versions(self, name: str) -> list[int]:
         """Versions of ``name`` present (integer directories holding ``capsa.json``), ascending; [] if none."""
         return sorted(v for v, files in self._version_files(name).items() if MANIFEST_FILE in files)
@@ -226,12 +257,32 @@ class Registry:
             return f"{self._url(name, version)}: missing {', '.join(missing)}"
         if files.get(WEIGHTS_FILE, 0) == 0:
             return f"{self._url(name, version)}: {WEIGHTS_FILE} is empty"
-        if not architecture_allowed(manifest.module, config.allowed_modules):
-            return (
-                f"{self._url(name, version)}: architecture {manifest.architecture!r} is outside allowed_modules "
-                f"{config.allowed_modules}"
-            )
+        return self.architecture_problem(name, version, config, manifest)
+
+    def architecture_problem(
+        self, name: str, version: int, config: ModelConfig, manifest: BundleManifest | None = None
+    ) -> str:
+        """Why the allow-lists refuse this version's architecture ('' if they allow it); imports nothing.
+
+        The operator's list (``allowed_modules``, i.e. ``CAPSA_ALLOWED_MODULES``) first, then the model's
+        ``config.json``, which the publisher writes and which can therefore only narrow it; the message names the
+        setting that refuses. An unreadable ``capsa.json`` is a problem too.
+        """
+        try:
+            manifest = manifest or self.manifest(name, version)
+        except (BundleError, RegistryError) as exc:
+            return str(exc)
+        lists = [(self.allowed_modules, ALLOWED_SETTING),
+                 (config.allowed_modules, f"allowed_modules in {self._url(name, CONFIG_FILE)}")]
+        for allowed, setting in [(a, s) for a, s in lists if a is not None] or [(None, "allowed_modules")]:
+            refusal = architecture_refusal(manifest.architecture, allowed, setting=setting)
+            if refusal:
+                return f"{self._url(name, version)}: {refusal}"
         return ""
+
+    def allowed_modules_for(self, config: ModelConfig) -> list[str] | None:
+        """The allow-list a worker loads this model under: the operator's, narrowed by ``config.json``."""
+        return narrow_allowed(self.allowed_modules, config.allowed_modules)
 
     def index(self) -> list[VersionState]:
         """Every model/version with its state and reason, sorted by name and version.
@@ -283,6 +334,12 @@ class Registry:
             path = Path(self._path(name, version))
             if not (path / MANIFEST_FILE).is_file():
                 raise RegistryError(f"{self.root}: model {name!r} has no version {version}")
+            if os.path.commonpath([os.path.realpath(path), os.path.realpath(self._base)]) != os.path.realpath(
+                self._base
+            ):
+                raise RegistryError(
+                    f"{self._url(name, version)}: is a symbolic link out of the registry (refused, not followed)"
+                )
             return path
         last = ""
         for _ in range(_FETCH_ATTEMPTS):

@@ -52,10 +52,20 @@ class LiveResponse(BaseModel):
     live: bool
 
 
+class NotReadyModel(BaseModel):
+    """A model version that is not ready, with a generic reason (details in the log and the repository index)."""
+
+    name: str
+    version: str
+    reason: str
+
+
 class ReadyResponse(BaseModel):
-    """``GET /v2/health/ready``: 200 when every served model version is loaded and warm, else 503."""
+    """``GET /v2/health/ready``: 200 when ready under the readiness policy, else 503."""
 
     ready: bool
+    reason: str | None = Field(None, description="Why the server is not ready, when no single model explains it.")
+    models: list[NotReadyModel] | None = Field(None, description="The model versions that are not ready, and why.")
 
 
 class ModelReadyResponse(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Response
 
 from service.metrics import CONTENT_TYPE
@@ -20,10 +21,9 @@ async def live() -> LiveResponse:
 @router.get("/v2/health/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
             summary="Readiness")
 async def ready(manager: ManagerDep) -> Response:
-    """200 when every model version that should be served is loaded and warmed up, else 503."""
-    ok = manager.is_ready()
-    return Response(b'{"ready":true}' if ok else b'{"ready":false}', status_code=200 if ok else 503,
-                    media_type="application/json")
+    """200 when ready under the readiness policy (see the README), else 503; names each model version not ready."""
+    ok, answer = manager.readiness()
+    return Response(orjson.dumps(answer), status_code=200 if ok else 503, media_type="application/json")
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

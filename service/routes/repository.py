@@ -12,12 +12,12 @@ import orjson
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.manager import LoadError, NotFound
+from service.manager import LoadCancelled, LoadError, NotFound
 from service.routes.deps import AdminAuth, ManagerDep, read_body
 from service.schemas import ErrorResponse, RepositoryIndexEntry, RepositoryIndexRequest, RepositoryRequest, request_body
 
 router = APIRouter(tags=["repository"], dependencies=[AdminAuth],
-                   responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404)})
+                   responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409)})
 
 _SMALL = 1 << 20
 
@@ -48,13 +48,19 @@ async def index(request: Request, manager: ManagerDep) -> list[dict[str, Any]]:
 @router.post("/v2/repository/models/{model_name}/load", response_model=dict[str, Any], summary="Load a model",
              openapi_extra=request_body(RepositoryRequest, required=False))
 async def load(model_name: str, request: Request, manager: ManagerDep) -> dict[str, Any]:
-    """(Re)load a model from the repository per its version policy; returns once its versions are warm."""
+    """(Re)load a model from the repository per its version policy; returns once its versions are warm.
+
+    400 names what failed (``config.json`` and the field, a file, the load error) while what served keeps serving;
+    409 when an unload (or a newer load) cancelled this one.
+    """
     await _json_body(request)
     try:
         await manager.load(model_name)
     except NotFound as exc:
         raise ApiError(404, str(exc)) from None
-    except LoadError as exc:
+    except LoadCancelled as exc:
+        raise ApiError(409, str(exc)) from None
+    except LoadError as exc:  # bad config.json, bad files, a version that failed: the message names it
         raise ApiError(400, str(exc)) from None
     return {}
 
