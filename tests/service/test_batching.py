@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import Batcher, DeadlineExceeded, ModelError, QueueFull, Unavailable
+from service.batching import Batcher, DeadlineExceeded, ModelError, QueueFull, ServeError, Unavailable
 from service.metrics import Metrics
-from service.workers import Failed, Outputs, Split
+from service.workers import Failed, Outputs, Split, WorkerGone
 
 
 class FakeWorker:
@@ -175,5 +175,85 @@ def test_a_worker_stuck_past_every_deadline_is_reported() -> None:
             await fut
         await asyncio.sleep(0.2)  # the watchdog fires at 2 x timeout + grace
         assert stuck == [worker]
+
+    run(scenario)
+
+
+def test_a_stalled_worker_is_reported_at_about_the_request_timeout() -> None:
+    """The watchdog is armed for timeout + a small grace from the batch's start (it was 2 x timeout + 5 s)."""
+
+    async def scenario() -> None:
+        batcher = make(timeout_s=30.0, on_stuck=lambda w: None)
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        loop = asyncio.get_running_loop()
+        before = loop.time()
+        batcher.submit(rows(1, 0))
+        (_, batch), = batcher.busy.values()
+        assert batch.watchdog is not None
+        assert batch.watchdog.when() - before <= 30.0 + batcher.stuck_grace_s + 1.0
+        assert batcher.stuck_grace_s <= 2.0
+        answer(batcher, worker)  # answered in time: the watchdog is disarmed
+        assert batch.watchdog.cancelled()
+
+    run(scenario)
+
+
+class BrokenWorker(FakeWorker):
+    """A worker whose send raises ``error``."""
+
+    def __init__(self, wid: int, error: Exception) -> None:
+        super().__init__(wid)
+        self.error = error
+
+    def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None:
+        raise self.error
+
+
+def test_a_batch_that_cannot_be_sent_fails_at_once_and_the_worker_stays() -> None:
+    """An error while sending is never swallowed into a wait for the deadline: the batch fails with 500."""
+
+    async def scenario() -> None:
+        batcher = make(timeout_s=600.0)
+        worker = BrokenWorker(1, ValueError("cannot encode"))
+        batcher.add_worker(worker)
+        fut = batcher.submit(rows(1, 0))
+        with pytest.raises(ServeError, match="could not be sent") as info:
+            await asyncio.wait_for(fut, 5)
+        assert info.value.status == 500
+        assert batcher.idle == [worker] and not batcher.busy
+
+    run(scenario)
+
+
+def test_a_worker_going_away_as_it_is_sent_a_batch_gets_it_retried_elsewhere() -> None:
+    async def scenario() -> None:
+        batcher = make(timeout_s=600.0)
+        gone = BrokenWorker(1, WorkerGone("exiting"))
+        batcher.add_worker(gone)
+        fut = batcher.submit(rows(1, 0))
+        assert gone.id in batcher.busy  # its exit (on_exit -> remove_worker) decides the batch's fate
+        good = FakeWorker(2)
+        batcher.add_worker(good)
+        batcher.remove_worker(gone)
+        answer(batcher, good)
+        assert (await asyncio.wait_for(fut, 5))[0].tolist() == [[0.0]]
+
+    run(scenario)
+
+
+def test_outputs_with_the_wrong_number_of_rows_are_never_split_among_requests() -> None:
+    async def scenario() -> None:
+        batcher = make()
+        worker = FakeWorker(1)
+        batcher.add_worker(worker)
+        batcher.submit(rows(1, 0))
+        futs = [batcher.submit(rows(2, 10)), batcher.submit(rows(2, 20))]
+        answer(batcher, worker)
+        batch_id, array, _ = worker.sent[-1]
+        batcher.complete(worker, batch_id, 0.001, Outputs(array[:3], array[:3], array[:3, 0]))
+        for fut in futs:
+            with pytest.raises(ModelError, match="returned 3 rows for a batch of 4"):
+                await fut
 
     run(scenario)
