@@ -34,13 +34,10 @@ __all__ = [
     "BundleError",
     "Calibration",
     "CalibrationError",
-    "Calibration",
-    "CalibrationError",
     "Risk",
     "WrappedModel",
     "Wrapper",
     "__version__",
-    "calibrate",
     "calibrate",
     "from_spec",
     "is_wrapped",
@@ -58,7 +55,6 @@ if TYPE_CHECKING:
     from capsa._risk import Risk, risk_score
     from capsa._wrapper import WrappedModel, Wrapper, from_spec, is_wrapped
     from capsa.bundle import load_bundle, save_bundle
-    from capsa.calibration import Calibration, CalibrationError, calibrate
     from capsa.calibration import Calibration, CalibrationError, calibrate
     from capsa.manifest import BundleError
 
