@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print("capsa-serve: give --model-repository (or CAPSA_MODEL_REPOSITORY), or --demo", file=sys.stderr)
         return 2
 
+    import numpy as np
     import uvicorn
+
+    # This process only moves tensors; inputs and outputs are checked for finiteness explicitly, so a float64 to
+    # float32 overflow in a JSON input is just an inf to refuse, not a RuntimeWarning on stderr.
+    np.seterr(over="ignore")
 
     from service.app import create_app
     from service.edge import EdgeLimits, EdgeServer, protocol_class

@@ -126,9 +126,8 @@ def json_array(name: str, data: Any, datatype: str, *, maybe_bools: bool = True)
                             f"found {found}")
     if array.dtype == dtype:
         return array
-    if dtype.kind == "f":
-        with np.errstate(over="ignore"):  # overflow gives inf, which the finiteness check then names
-            return array.astype(dtype)
+    if dtype.kind == "f":  # overflow gives inf, which the finiteness check then names (capsa-serve sets
+        return array.astype(dtype)  # numpy's over="ignore": no RuntimeWarning)
     converted = array.astype(dtype)
     if kind != "b" and not np.array_equal(converted, array):
         raise ProtocolError(f"input '{name}': data is out of range for {datatype}")
