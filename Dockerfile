@@ -1,8 +1,14 @@
-# syntax=docker/dockerfile:1
 # capsa-serve container image.
 #
 #   CPU (default):  docker build -t capsa-serve:0.1.0 .
 #   CUDA 12.8:      docker build --build-arg TORCH_VARIANT=cu128 -t capsa-serve:0.1.0-cu128 .
+#   Air-gapped:     docker build --network host --build-arg PIP_INDEX_URL=http://127.0.0.1:8080/simple/ \
+#                       --build-arg TORCH_INDEX_URL=http://127.0.0.1:8080/simple/ -t capsa-serve:0.1.0 .
+#
+# No `# syntax=` line on purpose: it makes BuildKit fetch a frontend image from Docker Hub, which fails offline.
+# PIP_INDEX_URL (default PyPI) and TORCH_INDEX_URL (default the PyTorch index of TORCH_VARIANT) are the only places
+# packages come from, so a mirror or a local wheelhouse served as a simple index builds the image with no Internet
+# access (README, "Air-gapped builds"); CI builds it that way.
 #
 # TORCH_VARIANT picks the PyTorch wheel index (https://download.pytorch.org/whl/<variant>): "cpu" keeps the image
 # small (no CUDA libraries); "cu128"/"cu126"/... installs a CUDA build whose wheels carry the CUDA runtime, cuDNN and
@@ -21,23 +27,38 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+# The runtime venv never gets pip, setuptools or wheel: a separate venv's pip installs into it (pip --python), and
+# everything is installed without byte code (--no-compile), so the runtime stage copies no installer and no
+# __pycache__ (the root filesystem is read-only there, so byte code could not be cached at run time either).
+RUN python -m venv /opt/pip-tool \
+    && python -m venv --without-pip /opt/venv
 # torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install --no-cache-dir \
-        --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        "torch==${TORCH_VERSION}"
+RUN /opt/pip-tool/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-compile \
+        --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY capsa ./capsa
 COPY service ./service
-# A regular (not editable) install: the runtime stage gets the venv only, not /src.
-RUN pip install --no-cache-dir . \
-    && python -c "import capsa, service.cli" \
+# A regular (not editable) install: the runtime stage gets the venv only, not /src. The build backend (setuptools)
+# lives only in pip's temporary build environment, fetched from the same index.
+RUN /opt/pip-tool/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-compile \
+        --index-url "${PIP_INDEX_URL}" . \
     && test -x /opt/venv/bin/capsa-serve
+# Slim the runtime venv: torch's own C++ test binaries and protoc (not used at run time), and setuptools, which
+# torch declares as a dependency but only imports to compile C++ extensions (torch.utils.cpp_extension), never
+# to serve. No byte code, no pip.
+RUN site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
+    && rm -rf "$site/torch/test" "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/bin/protoc* \
+              "$site"/setuptools "$site"/setuptools-*.dist-info "$site/_distutils_hack" \
+              "$site/distutils-precedence.pth" "$site/pkg_resources" \
+    && /opt/venv/bin/python -I -c "import torch, capsa, service.app" \
+    && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} + \
+    && if /opt/venv/bin/python -c "import pip" 2>/dev/null; then echo "pip in the runtime venv" >&2; exit 1; fi
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="capsa-serve" \
@@ -61,7 +82,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     CAPSA_CACHE_DIR=/var/cache/capsa
 # The model registry: mount a local one here, or set CAPSA_MODEL_REPOSITORY=s3://bucket/prefix (with
 # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL from the environment) and leave it empty.
-VOLUME ["/models"]
+# The cache (bundles fetched from S3, the --demo model) is a volume too, so it stays writable under
+# `docker run --read-only` (Docker creates an anonymous volume, owned by capsa); Kubernetes mounts an emptyDir there.
+VOLUME ["/models", "/var/cache/capsa"]
 WORKDIR /home/capsa
 USER 10001:10001
 EXPOSE 8000
