@@ -2,10 +2,10 @@
 
 Every request gets a request id (``X-Request-ID`` if the client sent one, else the V2 ``id``, else a generated one),
 echoed in the ``X-Request-ID`` response header and written in its JSON access line; an ``X-Request-ID`` over
-:data:`~service.protocol.MAX_ID_LENGTH` characters gets 400 (neither echoed nor logged). A ``Content-Length`` over
-the limit gets 413 before any body is read: ``CAPSA_MAX_REQUEST_BYTES`` for V2 requests with binary tensor data,
-the lower ``CAPSA_MAX_JSON_REQUEST_BYTES`` for JSON bodies. An inference request for a model version whose queue is
-full (or that failed to load) gets 503 before its body is read or decoded.
+:data:`~service.protocol.MAX_ID_LENGTH` characters or not printable ASCII gets 400 (neither echoed nor logged).
+A ``Content-Length`` over the limit gets 413 before any body is read: ``CAPSA_MAX_REQUEST_BYTES`` for V2 requests
+with binary tensor data, the lower ``CAPSA_MAX_JSON_REQUEST_BYTES`` for JSON bodies. An inference request for a
+model version whose queue is full (or that failed to load) gets 503 before its body is read or decoded.
 
 The inference routes (``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /v1/models/{m}:predict``) are served
 right here, without FastAPI's routing and dependency injection (which cost more per request than the whole rest
@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import ApiError, body_too_large, internal_error
 from service.inference import check_infer_token, json_body_limit, lookup, shed, v1_predict, v2_infer
 from service.logging import AccessLog
-from service.protocol import MAX_ID_LENGTH
+from service.protocol import request_id_problem
 
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = (b"content-type", b"application/octet-stream")
@@ -59,7 +59,7 @@ class ServingMiddleware:
                 authorization = value.decode("latin-1")
             elif key == b"inference-header-content-length":
                 header_length = value.decode("latin-1")
-        bad_id = header_id is not None and len(header_id) > MAX_ID_LENGTH
+        bad_id = None if header_id is None else request_id_problem(header_id, "X-Request-ID")
         if header_id is None or bad_id:
             self._counter += 1
             ctx: dict[str, Any] = {"request_id": f"{self._prefix}-{self._counter}"}
@@ -93,7 +93,7 @@ class ServingMiddleware:
                     json = self.json_named
             try:
                 if bad_id:
-                    raise ApiError(400, f"X-Request-ID is longer than {MAX_ID_LENGTH} characters")
+                    raise ApiError(400, bad_id)
                 if length is not None and length.isdigit() and int(length) > limit:
                     raise body_too_large(limit, json)
                 if route is not None:

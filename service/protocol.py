@@ -192,12 +192,23 @@ def _outputs(raw_outputs: Any, binary_output: bool) -> list[RequestedOutput] | N
     return outputs
 
 
+def request_id_problem(request_id: str, what: str = "'id'") -> str | None:
+    """Why a request id cannot be used (it is echoed in the X-Request-ID header and logged), else None: more than
+    MAX_ID_LENGTH characters, or characters other than printable ASCII."""
+    if len(request_id) > MAX_ID_LENGTH:
+        return f"{what} is longer than {MAX_ID_LENGTH} characters"
+    if not (request_id.isascii() and request_id.isprintable()):
+        return f"{what} must be printable ASCII (it is echoed in the X-Request-ID header)"
+    return None
+
+
 def check_request_id(request_id: Any, what: str = "'id'") -> None:
-    """Refuse a request id that is not a string of at most MAX_ID_LENGTH characters."""
+    """Refuse a request id that is not a string :func:`request_id_problem` accepts."""
     if not isinstance(request_id, str):
         raise ProtocolError(f"{what} must be a string")
-    if len(request_id) > MAX_ID_LENGTH:
-        raise ProtocolError(f"{what} is longer than {MAX_ID_LENGTH} characters")
+    problem = request_id_problem(request_id, what)
+    if problem is not None:
+        raise ProtocolError(problem)
 
 
 def parse_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:

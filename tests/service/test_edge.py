@@ -171,3 +171,11 @@ def test_long_request_ids_are_refused_not_echoed(server: ServerProcess) -> None:
     assert r.status_code == 200 and r.json()["id"] == ok_id
     _wait_for(lambda: any(e.get("request_id") == ok_id for e in server.log_entries()))
     assert long_id[:129] not in server.log()
+
+
+@pytest.mark.parametrize("bad_id", ["a\nb", "x\r\nSet-Cookie: a=b", "\u65e5\u672c", "tab\there"])
+def test_request_ids_that_cannot_be_echoed_are_refused(server: ServerProcess, bad_id: str) -> None:
+    """An id goes back in the X-Request-ID header: control or non-ASCII characters there would break the answer."""
+    r = infer(server, "vote", sample_input(1), id=bad_id)
+    assert r.status_code == 400 and "'id' must be printable ASCII" in r.json()["error"], r.text
+    assert "set-cookie" not in r.headers and r.headers["x-request-id"].isprintable()
