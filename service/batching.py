@@ -27,6 +27,8 @@ from service.workers.messages import Failed, Outcome, Outputs, Split
 
 log = logging.getLogger("capsa.serve.batching")
 
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # one request's prediction, risk and risk_score
+
 
 class ServeError(Exception):
     """An inference that cannot be answered; ``status`` is the HTTP status to reply with."""
@@ -74,7 +76,7 @@ class Pending:
     """One queued or running request."""
 
     array: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[Rows]
     enqueued: float
     timer: asyncio.TimerHandle | None = None
     retried: bool = False
@@ -168,7 +170,7 @@ class Batcher:
         self._check_drained()
 
     # ---------------------------------------------------------------- requests
-    def submit(self, array: np.ndarray) -> asyncio.Future:
+    def submit(self, array: np.ndarray) -> asyncio.Future[Rows]:
         """Queue one request (its batch dimension already checked); the future yields its three outputs."""
         if self.closed or self.live_workers == 0:
             raise Unavailable("no worker is alive for this model version; retry later")

@@ -63,7 +63,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
     """The frame of ``message`` as buffers to write in order (large arrays are views of their own memory)."""
     arrays: list[np.ndarray] = []
     body = _to_json(message, arrays)
-    views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
+    views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     header = orjson.dumps({"m": body, "a": [[a.dtype.str, list(a.shape), v.nbytes] for a, v in zip(
         arrays, views, strict=True)]})
     head = _PREFIX.pack(MAGIC, len(header)) + header

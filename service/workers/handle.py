@@ -136,7 +136,7 @@ class WorkerProcess:
         task.add_done_callback(self._connect_done)
         log.info("worker starting", extra={"worker": self.name, "pid": self.process.pid})
 
-    def _connect_done(self, task: asyncio.Task) -> None:
+    def _connect_done(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self._fatal(f"cannot attach the worker's socket to the event loop: {task.exception()!r}")
 
