@@ -1,7 +1,11 @@
 """The classic toy for risk-aware regression: y = x**3 / 10 with noise whose spread grows with |x|.
 
-Trains a small MLP under each capsa wrapper on x in [-4, 4], evaluates on [-6, 6] and writes a plot of prediction
-and risk against x (training range shaded) to ``examples/cubic.png``. Run: ``python examples/cubic.py``.
+Trains a small MLP under each capsa wrapper, and under the composed ``vote(sculpt(model))``, on x in [-4, 4],
+evaluates on [-6, 6] and writes a plot of prediction and risk against x (training range shaded) to
+``examples/cubic.png``. Run: ``python examples/cubic.py``.
+
+The composed model's ``risk.total`` (aleatoric and epistemic together) is its predictive standard deviation: in the
+training range it follows the noise, outside it grows with what the voters do not know.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import capsa
 from capsa import neo, sample, sculpt, vote
 
 WRAPPERS = {
@@ -20,6 +25,8 @@ WRAPPERS = {
     "sample": lambda: sample.Wrapper(n_samples=16, distribution=sample.Bernoulli(0.1)),
     "vote": lambda: vote.Wrapper(n_voters=8),
     "neo": lambda: neo.Wrapper(),
+    # Composed: every voter gets its own scale head (the spec form of vote.Wrapper()(sculpt.Wrapper()(model))).
+    "vote(sculpt)": lambda: vote.Wrapper(n_voters=8, inner=sculpt.Wrapper()),
 }
 
 
@@ -39,7 +46,7 @@ def mlp(hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
-def train(kind: str, *, steps: int = 3000, seed: int = 0) -> nn.Module:
+def train(kind: str, *, steps: int = 3000, seed: int = 0) -> capsa.WrappedModel:
     """Train an MLP wrapped with `kind` following each wrapper's recipe; returns it in eval mode."""
     torch.manual_seed(seed)
     x, y = make_data(2000, -4.0, 4.0, seed)
@@ -49,7 +56,12 @@ def train(kind: str, *, steps: int = 3000, seed: int = 0) -> nn.Module:
     for _step in range(steps):
         idx = torch.randint(0, len(x), (128,))
         xb, yb = x[idx], y[idx]
-        if kind == "sculpt":
+        if wrapped.composed:  # the composed recipe: the aleatoric scale in the likelihood, plus any novelty term
+            pred, risk = wrapped(xb, return_risk=True)
+            loss = F.gaussian_nll_loss(pred, yb, risk.aleatoric**2)
+            if risk.novelty is not None:
+                loss = loss + risk.novelty.mean()
+        elif kind == "sculpt":
             pred, risk = wrapped(xb, return_risk=True)
             loss = F.gaussian_nll_loss(pred, yb, risk**2)
         elif kind == "neo":
@@ -76,11 +88,14 @@ def main() -> None:
 
     xs = torch.linspace(-6, 6, 600)[:, None]
     x_train, y_train = make_data(600, -4.0, 4.0, seed=1)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, kind in zip(axes.flat, WRAPPERS, strict=True):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
+    axes.flat[-1].axis("off")
+    for ax, kind in zip(axes.flat, WRAPPERS, strict=False):
         model = train(kind, steps=args.steps)
         with torch.no_grad():
             pred, risk = model(xs, return_risk=True)
+        if isinstance(risk, capsa.Risk):
+            risk = risk.total
         x, p, r = xs.squeeze(), pred.squeeze(), risk.squeeze()
         ax.axvspan(-4, 4, color="0.92", label="training range")
         ax.scatter(x_train.squeeze(), y_train.squeeze(), s=2, color="0.6")
@@ -91,7 +106,7 @@ def main() -> None:
         twin = ax.twinx()
         twin.plot(x, r, color="C3", lw=1)
         twin.set_ylabel("risk", color="C3")
-        ax.set_title(f"capsa.{kind}")
+        ax.set_title(f"capsa.{kind}" + (": risk.total" if "(" in kind else ""))
         ax.set_ylim(-25, 25)
     axes[0, 0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()

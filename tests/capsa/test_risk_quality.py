@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+import capsa
 from capsa import neo, sample, vote
 
 _spec = importlib.util.spec_from_file_location("cubic", Path(__file__).parents[2] / "examples" / "cubic.py")
@@ -49,6 +50,24 @@ def test_toy_sculpt_risk_tracks_the_true_noise(grid: torch.Tensor) -> None:
     x, r = grid.squeeze(), risk.squeeze()
     inside = x.abs() <= 4
     assert spearmanr(r[inside].numpy(), cubic.noise_std(x[inside]).numpy()).statistic >= 0.6
+
+
+@pytest.mark.slow
+def test_toy_composed_total_covers_the_truth_better_than_either_component() -> None:
+    """vote(sculpt): the 90% interval from ``risk.total`` is closer to 90% coverage than the one from the aleatoric
+    or the epistemic component alone, inside the training range and outside it."""
+    model = cubic.train("vote(sculpt)", steps=1500)
+    x, y = cubic.make_data(4000, -6.0, 6.0, seed=7)  # fresh draws of the truth, inside and outside [-4, 4]
+    with torch.no_grad():
+        pred, risk = model(x, return_risk=True)
+    assert isinstance(risk, capsa.Risk)
+    inside = x.abs().squeeze() <= 4
+    for region in (inside, ~inside):
+        miss = {}
+        for name, spread in [("total", risk.total), ("aleatoric", risk.aleatoric), ("epistemic", risk.epistemic)]:
+            covered = ((y - pred).abs() <= 1.645 * spread).squeeze()[region].float().mean().item()
+            miss[name] = abs(covered - 0.9)
+        assert miss["total"] < min(miss["aleatoric"], miss["epistemic"]), miss
 
 
 # ------------------------------------------------------------------ classification on real data
