@@ -207,6 +207,8 @@ class WrappedModel(nn.Module):
     """
 
     wrapper: Wrapper
+    #: The `capsa.Calibration` of the bundle this model was loaded from (`capsa.load_bundle`), else None.
+    calibration: Any = None
 
     def __init__(self, model: nn.Module, wrapper: Wrapper) -> None:
         if not isinstance(model, nn.Module):

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from capsa.manifest import (
     _ARCH_RE,
     ARCHITECTURE_FILE,
+    CALIBRATION_FILE,
     FORMAT_VERSION,
     KEY_ORDER,
     LOCAL_MODULE,
@@ -53,12 +54,14 @@ from capsa.manifest import (
     architecture_allowed,
     architecture_refusal,
     check_bundle,
+    check_calibration_file,
     parse_manifest,
     read_manifest,
 )
 
 if TYPE_CHECKING:
     from capsa._wrapper import WrappedModel
+    from capsa.calibration import Calibration
 
 __all__ = [
     "ARCHITECTURE_FILE",
@@ -304,6 +307,7 @@ def save_bundle(
     example_input: Tensor,
     metadata: Mapping[str, Any] | None = None,
     architecture_file: str | os.PathLike[str] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write ``wrapped`` as a bundle directory at ``path`` (created if needed) and return the path.
 
@@ -312,7 +316,9 @@ def save_bundle(
     ``architecture`` is ``"architecture:factory"`` (or just ``"factory"``). ``example_input`` (batch first) runs
     through the model in eval mode without gradients, creating capsa's lazy parameters and recording the
     signature. Refuses (`ValueError`) a model that is not wrapped, an architecture that cannot be imported, or
-    one whose ``factory(**kwargs)`` builds a model with other state-dict keys or shapes.
+    one whose ``factory(**kwargs)`` builds a model with other state-dict keys or shapes. ``calibration`` (from
+    `capsa.calibrate` on this model) is stored too: its record in ``capsa.json``, its arrays in
+    ``calibration.safetensors``, bound to these weights by their SHA-256.
     """
     import capsa  # the package imports this module
 
@@ -383,6 +389,9 @@ def save_bundle(
     else:
         outputs = [_signature("prediction", prediction), _signature("risk", risk)]
 
+    if calibration is not None:
+        _check_calibration_fits(calibration, prediction, wrapped)
+
     tensors = _tensors_for_saving(wrapped)
     user_shapes = _state_shapes({k: v for k, v in tensors.items() if not k.startswith("capsa.")})
     try:
@@ -402,6 +411,9 @@ def save_bundle(
 
     # safetensors stores tensors in its own order; the key order of the state dict travels in the metadata.
     weights = safetensors_save(tensors, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))})
+    record, calibration_data = (None, b"")
+    if calibration is not None:
+        record, calibration_data = calibration.to_parts(weights_sha256=hashlib.sha256(weights).hexdigest())
     manifest = BundleManifest(
         format_version=FORMAT_VERSION,
         architecture=architecture,
@@ -413,6 +425,7 @@ def save_bundle(
         torch_version=str(torch.__version__),
         capsa_version=str(capsa.__version__),
         metadata=metadata,
+        calibration=record,
     )
 
     out = Path(path)
@@ -426,9 +439,35 @@ def save_bundle(
     else:
         with contextlib.suppress(FileNotFoundError):
             (out / ARCHITECTURE_FILE).unlink()
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, allow_nan=False) + "\n"
+    if calibration is not None:
+        _write_atomic(out / CALIBRATION_FILE, calibration_data)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (out / CALIBRATION_FILE).unlink()
+    text = manifest_text(manifest)
     _write_atomic(out / MANIFEST_FILE, text.encode())
     return out
+
+
+def manifest_text(manifest: BundleManifest) -> str:
+    """``capsa.json``'s text; an uncalibrated bundle's has no ``calibration`` key (as before calibration existed)."""
+    exclude = {"calibration"} if manifest.calibration is None else set()
+    return json.dumps(manifest.model_dump(mode="json", exclude=exclude), indent=2, allow_nan=False) + "\n"
+
+
+def _check_calibration_fits(calibration: Calibration, prediction: Tensor, wrapped: WrappedModel) -> None:
+    """Refuse (`ValueError`) a calibration made for another kind of model."""
+    from capsa.calibration import Calibration, _task_of
+
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"save_bundle: calibration must be a capsa.Calibration, got {type(calibration).__name__}")
+    task, _ = _task_of(wrapped)
+    if calibration.task != task or calibration.output_shape != tuple(prediction.shape[1:]):
+        raise ValueError(
+            f"save_bundle: the calibration is for {calibration.task} outputs of shape [N, "
+            f"{', '.join(map(str, calibration.output_shape))}], the model gives {task} outputs of shape "
+            f"{[-1, *prediction.shape[1:]]}; calibrate this model (capsa.calibrate)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -444,7 +483,8 @@ def load_bundle(
     ``capsa.json``; refuse an architecture outside ``allowed_modules`` (dotted prefixes; bundle-local code is
     the module ``"architecture"``) before anything of it is imported; verify the SHA-256 of the weights before
     parsing them; rebuild the wrapper from its spec; import the architecture and build it with ``kwargs``; wrap;
-    load the weights strictly; move to ``device``.
+    load the weights strictly; move to ``device``. A calibrated bundle's calibration (checked against its own
+    and the weights' SHA-256) is ``wrapped.calibration``; it is None for an uncalibrated bundle.
     """
     from safetensors.torch import load as safetensors_load
 
@@ -462,7 +502,9 @@ def load_bundle(
             raise BundleError(f"{source}: {refusal} (nothing of it was imported)")
         weights = bundle.read(WEIGHTS_FILE)
         code = bundle.read(ARCHITECTURE_FILE) if manifest.local_architecture else b""
+        calibration_data = bundle.read(CALIBRATION_FILE) if manifest.calibration is not None else b""
     _check_weights(source, manifest, weights)
+    calibration = _restore_calibration(source, manifest, calibration_data)
     try:
         state = _in_saved_order(safetensors_load(weights), _safetensors_header(weights))
     except Exception as exc:
@@ -514,4 +556,24 @@ def load_bundle(
         wrapped.to(device)
     except Exception as exc:
         raise BundleError(f"{source}: cannot move the model to {device!r}: {type(exc).__name__}: {exc}") from None
+    wrapped.calibration = calibration
     return wrapped.eval()
+
+
+def _restore_calibration(source: str, manifest: BundleManifest, data: bytes) -> Calibration | None:
+    """The bundle's `capsa.Calibration`, or None; a `BundleError` if it does not belong to these weights."""
+    if manifest.calibration is None:
+        return None
+    from capsa.calibration import Calibration
+
+    check_calibration_file(source, manifest, data)
+    try:
+        calibration = Calibration.from_parts(manifest.calibration, data, source=source)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    if calibration.weights_sha256 != manifest.weights_sha256:
+        raise BundleError(
+            f"{source}: the calibration was made for weights with SHA-256 {calibration.weights_sha256}, not these "
+            f"({manifest.weights_sha256}); calibrate again (capsa calibrate)"
+        )
+    return calibration

@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from capsa.manifest import CALIBRATION_FILE
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CALIBRATION_FILE",
     "CALIBRATION_FORMAT",
-    "CALIBRATION_TENSORS_FILE",
     "Calibration",
     "CalibrationError",
     "calibrate",
@@ -49,8 +51,6 @@ __all__ = [
 
 #: Version of the calibration record's layout.
 CALIBRATION_FORMAT = 1
-#: The file holding a calibration's arrays, in a bundle or a calibration directory.
-CALIBRATION_TENSORS_FILE = "calibration.safetensors"
 #: The calibration record, in a calibration directory (a bundle keeps it in ``capsa.json``).
 CALIBRATION_JSON_FILE = "calibration.json"
 #: Quantile levels of the stored risk-score distribution: 0, 0.001, ..., 1.
@@ -243,13 +243,13 @@ class Calibration:
         digest = hashlib.sha256(data).hexdigest()
         if record.get("tensors_sha256") != digest:
             raise bad(
-                f"checksum mismatch: {CALIBRATION_TENSORS_FILE} has SHA-256 {digest}, the record says "
+                f"checksum mismatch: {CALIBRATION_FILE} has SHA-256 {digest}, the record says "
                 f"{record.get('tensors_sha256')!r}"
             )
         try:
             arrays = load(data)
         except Exception as exc:
-            raise bad(f"{CALIBRATION_TENSORS_FILE} is not a valid safetensors file: {exc}") from None
+            raise bad(f"{CALIBRATION_FILE} is not a valid safetensors file: {exc}") from None
         task = record.get("task")
         if task not in ("regression", "classification"):
             raise bad(f"task must be 'regression' or 'classification', got {task!r}")
@@ -267,9 +267,9 @@ class Calibration:
             expected.update(scale_a=tuple(shape), scale_b=tuple(shape), quantile=tuple(shape))
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != expected:
-            raise bad(f"{CALIBRATION_TENSORS_FILE} holds {got}, expected {expected}")
+            raise bad(f"{CALIBRATION_FILE} holds {got}, expected {expected}")
         if any(not np.isfinite(v).all() for v in arrays.values()):
-            raise bad(f"{CALIBRATION_TENSORS_FILE} holds non-finite values")
+            raise bad(f"{CALIBRATION_FILE} holds non-finite values")
         kwargs: dict[str, Any] = {}
         if task == "classification":
             t, s, d = record.get("temperature"), record.get("set_threshold"), record.get("class_dim")
@@ -299,7 +299,7 @@ class Calibration:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         rec, data = self.to_parts()
-        (out / CALIBRATION_TENSORS_FILE).write_bytes(data)
+        (out / CALIBRATION_FILE).write_bytes(data)
         (out / CALIBRATION_JSON_FILE).write_text(json.dumps(rec, indent=2, allow_nan=False) + "\n")
         return out
 
@@ -309,7 +309,7 @@ class Calibration:
         src = Path(path)
         try:
             rec = json.loads((src / CALIBRATION_JSON_FILE).read_text())
-            data = (src / CALIBRATION_TENSORS_FILE).read_bytes()
+            data = (src / CALIBRATION_FILE).read_bytes()
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"{src}: cannot read the calibration: {exc}") from None
         return cls.from_parts(rec, data, source=str(src))
@@ -677,3 +677,108 @@ def _too_few(n: int, needed: int, coverage: float) -> str:
         f"calibrate: coverage {coverage} needs at least {needed} calibration samples (half fit the scale, and the "
         f"conformal half needs at least coverage/(1-coverage) = {coverage / (1 - coverage):.4g}); got {n}"
     )
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+def write_calibration(
+    path: str | os.PathLike[str], calibration: Calibration, *, out: str | os.PathLike[str] | None = None
+) -> Path:
+    """Store ``calibration`` in the bundle at ``path`` (or in a copy of it at ``out``) and return that bundle.
+
+    The weights (and any ``architecture.py``) are left byte for byte as they were, so ``weights_sha256`` stays;
+    ``capsa.json`` gains the calibration record and ``calibration.safetensors`` the arrays. As `save_bundle`
+    does, ``capsa.json`` is removed first and written last, so a reader never sees a half-updated bundle.
+    Raises `capsa.BundleError` for an unreadable bundle or a calibration for other outputs.
+    """
+    from capsa.bundle import _write_atomic, manifest_text
+    from capsa.manifest import (
+        ARCHITECTURE_FILE,
+        MANIFEST_FILE,
+        WEIGHTS_FILE,
+        BundleError,
+        _BundleDir,
+        _check_weights,
+        parse_manifest,
+    )
+
+    with _BundleDir(path) as bundle:
+        manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=bundle.source)
+        weights = bundle.read(WEIGHTS_FILE)
+        code = bundle.read(ARCHITECTURE_FILE) if manifest.local_architecture else b""
+    source = str(path)
+    _check_weights(source, manifest, weights)
+    spec = next((o for o in manifest.outputs if o.name == "prediction"), manifest.outputs[0])
+    wanted = calibration.output_shape
+    if len(spec.shape) != len(wanted) + 1 or any(s not in (-1, w) for s, w in zip(spec.shape[1:], wanted, strict=True)):
+        raise BundleError(
+            f"{source}: the calibration is for outputs of shape [N, {', '.join(map(str, wanted))}], the bundle's "
+            f"prediction has shape {spec.shape}"
+        )
+    record, data = calibration.to_parts(weights_sha256=manifest.weights_sha256)
+    updated = manifest.model_copy(update={"calibration": record})
+    target = Path(out) if out is not None else Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / MANIFEST_FILE).unlink(missing_ok=True)
+    if out is not None:
+        _write_atomic(target / WEIGHTS_FILE, weights)
+        if code:
+            _write_atomic(target / ARCHITECTURE_FILE, code)
+    _write_atomic(target / CALIBRATION_FILE, data)
+    _write_atomic(target / MANIFEST_FILE, manifest_text(updated).encode())
+    return target
+
+
+def calibrate_bundle(
+    path: str | os.PathLike[str],
+    x: Any,
+    y: Any,
+    *,
+    coverage: float = 0.9,
+    out: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    allowed_modules: Iterable[str] | None = None,
+    batch_size: int = 1024,
+) -> Calibration:
+    """What ``capsa calibrate`` does: load the bundle, `calibrate` it on ``(x, y)``, `write_calibration`.
+
+    ``x`` is cast to the bundle's input datatype first (an ``.npz`` file often holds float64).
+    """
+    import torch
+
+    from capsa.bundle import DATATYPES, load_bundle
+
+    _check_coverage(coverage)
+    model = load_bundle(path, device=device, allowed_modules=allowed_modules)
+    from capsa.manifest import read_manifest
+
+    dtype = DATATYPES[read_manifest(path).inputs[0].datatype]
+    xt = torch.as_tensor(np.asarray(x))
+    if xt.dtype != dtype:
+        xt = xt.to(dtype)
+    calibration = calibrate(model, xt, y, coverage=coverage, batch_size=batch_size)
+    write_calibration(path, calibration, out=out)
+    return calibration
+
+
+def summary(record: Mapping[str, Any]) -> str:
+    """One line about a calibration record, for ``capsa inspect``."""
+    report = record.get("report", {})
+    before, after = report.get("before", {}), report.get("after", {})
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    parts = [f"{record.get('task')}, coverage {record.get('coverage')}, {record.get('samples')} samples"]
+    if record.get("task") == "regression":
+        parts.append(
+            f"held-out coverage {fmt(before.get('coverage'))} -> {fmt(after.get('coverage'))}, "
+            f"NLL {fmt(before.get('nll'))} -> {fmt(after.get('nll'))}"
+        )
+    else:
+        parts.append(
+            f"temperature {fmt(record.get('temperature'))}, NLL {fmt(before.get('nll'))} -> {fmt(after.get('nll'))}, "
+            f"ECE {fmt(before.get('ece'))} -> {fmt(after.get('ece'))}, set coverage {fmt(after.get('coverage'))}, "
+            f"mean set size {fmt(after.get('mean_set_size'))}"
+        )
+    parts.append(f"method: {record.get('method')}")
+    return "; ".join(parts)

@@ -5,6 +5,8 @@
 - ``capsa verify PATH``: load the bundle and run a dummy batch through it, checking the outputs against the
   signature, finite non-negative risk, determinism and batch invariance (exit 0 if all hold, else 1).
 - ``capsa publish BUNDLE ROOT NAME [--version N] [--force]``: copy a bundle into a model registry.
+- ``capsa calibrate BUNDLE DATA.npz [--coverage 0.9] [--out NEW_BUNDLE]``: calibrate a bundle on held-out arrays
+  ``x`` and ``y`` (`capsa.calibrate`); the weights and their checksum stay as they were.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("versions", f"torch {info['torch_version']}, capsa {info['capsa_version']}"),
         ("metadata", json.dumps(info["metadata"])),
     ]
+    if info.get("calibration") is not None:
+        from capsa.calibration import summary
+
+        rows.append(("calibration", summary(info["calibration"])))
     width = max(len(k) for k, _ in rows) + 2
     for key, value in rows:
         print(f"{key + ':':<{width}}{value}")
@@ -154,6 +160,32 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from capsa.calibration import calibrate_bundle, summary
+
+    try:
+        data = np.load(args.data, allow_pickle=False)  # never unpickles: object arrays are refused
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not named arrays")
+        with data:
+            missing = [k for k in ("x", "y") if k not in data.files]
+            if missing:
+                raise KeyError(f"{args.data} has no array {' or '.join(map(repr, missing))} (it has {data.files})")
+            x, y = data["x"], data["y"]
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"cannot read {args.data} as an .npz file of arrays x and y: {exc}") from None
+    calibration = calibrate_bundle(
+        args.bundle, x, y, coverage=args.coverage, out=args.out, device=args.device,
+        allowed_modules=args.allowed_modules,
+    )
+    print(f"calibrated {args.out or args.bundle}: {summary(calibration.record())}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsa", description="Inspect, verify and publish capsa model bundles.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,6 +216,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the version if it exists")
     p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options (JSON object)")
     p.set_defaults(run=_cmd_publish)
+
+    p = commands.add_parser("calibrate", help="calibrate a bundle on held-out data (intervals, sets, percentiles)")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
+    p.add_argument("data", metavar="DATA.npz", help="held-out data: an .npz file with arrays x and y")
+    p.add_argument("--coverage", type=float, default=0.9, help="target coverage of intervals/sets (default 0.9)")
+    p.add_argument("--out", default=None, metavar="NEW_BUNDLE", help="write a calibrated copy here (default: in place)")
+    p.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
+    p.add_argument(
+        "--allowed-module", dest="allowed_modules", action="append", metavar="PREFIX",
+        help="refuse architectures outside this dotted module prefix (repeatable; default: allow all)",
+    )
+    p.set_defaults(run=_cmd_calibrate)
     return parser
 
 

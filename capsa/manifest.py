@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ARCHITECTURE_FILE",
+    "CALIBRATION_FILE",
     "DATATYPE_NAMES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
@@ -33,6 +34,7 @@ __all__ = [
     "architecture_refusal",
     "check_allowed_entry",
     "check_bundle",
+    "check_calibration_file",
     "narrow_allowed",
     "parse_allowed_modules",
     "parse_manifest",
@@ -43,6 +45,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "capsa.json"
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.py"
+#: A calibrated bundle's calibration arrays (`capsa.calibration`); its record is ``capsa.json``'s ``calibration``.
+CALIBRATION_FILE = "calibration.safetensors"
 #: safetensors metadata entry holding the state dict's key order (JSON list).
 KEY_ORDER = "capsa_key_order"
 #: The module name bundle-local code has (for ``architecture`` strings and ``allowed_modules``).
@@ -87,7 +91,8 @@ class TensorSpec(BaseModel):
 
 
 class BundleManifest(BaseModel):
-    """The validated content of ``capsa.json`` (exactly these keys, all required)."""
+    """The validated content of ``capsa.json`` (exactly these keys, all required but ``calibration``, which only
+    calibrated bundles have: the `capsa.Calibration` record, its arrays in ``calibration.safetensors``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -101,6 +106,7 @@ class BundleManifest(BaseModel):
     torch_version: str
     capsa_version: str
     metadata: dict[str, Any]
+    calibration: dict[str, Any] | None = None
 
     @field_validator("architecture")
     @classmethod
@@ -140,7 +146,8 @@ class BundleManifest(BaseModel):
 
     def files(self) -> list[str]:
         """The bundle's files, ``capsa.json`` last (the order a publisher writes them in)."""
-        return [WEIGHTS_FILE, *([ARCHITECTURE_FILE] if self.local_architecture else []), MANIFEST_FILE]
+        calibration = [CALIBRATION_FILE] if self.calibration is not None else []
+        return [WEIGHTS_FILE, *([ARCHITECTURE_FILE] if self.local_architecture else []), *calibration, MANIFEST_FILE]
 
 
 def parse_manifest(data: str | bytes, *, source: str) -> BundleManifest:
@@ -384,6 +391,17 @@ def _check_weights(source: str, manifest: BundleManifest, weights: bytes) -> Non
         )
 
 
+def check_calibration_file(source: str, manifest: BundleManifest, data: bytes) -> None:
+    """A calibrated bundle's ``calibration.safetensors`` must be the one its record names (SHA-256)."""
+    recorded = (manifest.calibration or {}).get("tensors_sha256")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded:
+        raise BundleError(
+            f"{source}: checksum mismatch: {CALIBRATION_FILE} has SHA-256 {actual}, {MANIFEST_FILE} records "
+            f"{recorded!r} (the calibration was changed or truncated)"
+        )
+
+
 def check_bundle(path: str | os.PathLike[str]) -> BundleManifest:
     """Validate a bundle without importing or running anything: manifest, files present, weights checksum."""
     with _BundleDir(path) as bundle:
@@ -391,6 +409,8 @@ def check_bundle(path: str | os.PathLike[str]) -> BundleManifest:
         _check_weights(bundle.source, manifest, bundle.read(WEIGHTS_FILE))
         if manifest.local_architecture:
             bundle.read(ARCHITECTURE_FILE)
+        if manifest.calibration is not None:
+            check_calibration_file(bundle.source, manifest, bundle.read(CALIBRATION_FILE))
         return manifest
 
 
