@@ -16,19 +16,25 @@ CAPSA_BASE_IMAGE="python:3.11-slim-bookworm"   # the Dockerfile's default PYTHON
 CAPSA_BASE_LABEL="capsa.ci.base=debootstrap-bookworm-minbase-1"
 CAPSA_IMAGE="${CAPSA_IMAGE:-capsa-serve:ci}"
 CAPSA_INDEX_PORT="${CAPSA_INDEX_PORT:-18741}"  # fixed, so the build args (and the layer cache) stay the same
+# The engine's own client (Debian's docker.io, /usr/bin/docker) builds with the engine's BuildKit; a newer client
+# elsewhere on PATH would need the buildx plugin for that.
+CAPSA_DOCKER_CLI="${CAPSA_DOCKER_CLI:-$(test -x /usr/bin/docker && echo /usr/bin/docker || command -v docker || true)}"
 _capsa_started_dockerd=""
 _capsa_index_pid=""
 
 _capsa_sudo() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
 _capsa_log() { echo "[container $(date +%H:%M:%S)] $*"; }
+docker() { "$CAPSA_DOCKER_CLI" "$@"; }
 
 capsa_engine_start() {
-    if ! command -v dockerd >/dev/null; then
+    if ! command -v dockerd >/dev/null || [ ! -x /usr/bin/docker ]; then
         _capsa_log "installing docker.io (Debian)"
         _capsa_sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
         _capsa_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             docker.io </dev/null >/dev/null
+        CAPSA_DOCKER_CLI=/usr/bin/docker
     fi
+    export CAPSA_DOCKER_CLI
     export DOCKER_HOST="unix://$CAPSA_DOCKER_SOCK"
     if docker version >/dev/null 2>&1; then
         _capsa_log "reusing the engine already answering on $CAPSA_DOCKER_SOCK"
@@ -91,8 +97,10 @@ capsa_wheelhouse() {
     local wheels="$CAPSA_CI_DIR/wheelhouse/wheels" simple="$CAPSA_CI_DIR/wheelhouse/simple"
     mkdir -p "$wheels"
     _capsa_log "pip download into $wheels"
-    python -m pip download -q --dest "$wheels" "torch==2.13.0" "setuptools>=69" wheel . 2>&1 \
-        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    if ! python -m pip download --dest "$wheels" "torch==2.13.0" "setuptools>=69" wheel . \
+            >"$CAPSA_CI_DIR/run/pip-download.log" 2>&1 </dev/null; then
+        echo "pip download failed:" >&2; tail -n 40 "$CAPSA_CI_DIR/run/pip-download.log" >&2; return 1
+    fi
     # A PEP 503 simple index: simple/<normalized name>/<wheel>; http.server's directory listings are its pages.
     rm -rf "$simple"
     local whl name

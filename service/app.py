@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from service import __version__
+from service.docs import install_offline_docs
 from service.errors import ApiError, internal_error
 from service.fastpath import ServingMiddleware
 from service.logging import AccessLog
@@ -91,7 +92,9 @@ def create_app(settings: Settings) -> FastAPI:
         description="Predictions with per-sample risk from capsa-wrapped PyTorch models, over the KServe V2 "
                     "(Open Inference) protocol, with dynamic batching on worker processes.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served from local assets below, not from a CDN
     )
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.access_log = AccessLog() if settings.access_log else None

@@ -9,6 +9,7 @@ what container runtimes expect of a clean stop.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import socket
@@ -24,12 +25,25 @@ from service.settings import Settings
 log = logging.getLogger("capsa.serve")
 
 
+def settings_help() -> str:
+    """Every setting as its environment variable, with its default and description (the ``--help`` epilog), so
+    the settings without a command-line option (tokens, limits, timeouts, cache dir) are listed too."""
+    lines = ["settings (environment variables; an option above overrides its variable):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else json.dumps(default, default=str)
+        lines.append(f"  CAPSA_{name.upper()}  (default {shown})")
+        lines.append(f"      {field.description}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> dict[str, Any]:
     """Command-line options, as Settings overrides (only those given; the rest come from CAPSA_* variables)."""
     parser = argparse.ArgumentParser(
         prog="capsa-serve",
         description="Serve capsa model bundles from a registry over KServe V2 REST, with per-sample risk. "
                     "Every option is also an environment variable CAPSA_<OPTION> (e.g. CAPSA_MODEL_REPOSITORY).",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-repository", help="registry root: a directory or an fsspec URL (s3://...)")
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
