@@ -32,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from capsa.manifest import (
     ARCHITECTURE_FILE,
+    CALIBRATION_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     BundleError,
@@ -382,6 +383,14 @@ class Registry:
                 )
             if code:
                 (tmp / ARCHITECTURE_FILE).write_bytes(code)
+            if manifest.calibration is not None:  # a calibrated bundle (capsa.calibration)
+                try:
+                    calibration = self._fs.cat_file(self._path(name, version, CALIBRATION_FILE))
+                except FileNotFoundError:
+                    raise _Changed(f"{CALIBRATION_FILE} is missing") from None
+                if hashlib.sha256(calibration).hexdigest() != manifest.calibration.get("tensors_sha256"):
+                    raise _Changed(f"{CALIBRATION_FILE} is not the one {MANIFEST_FILE} records")
+                (tmp / CALIBRATION_FILE).write_bytes(calibration)
             (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
             try:
                 os.rename(tmp, target)
