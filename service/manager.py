@@ -330,8 +330,10 @@ class ModelVersion:
             await asyncio.wait_for(self._settled.wait(), timeout_s)
         return self.state == "READY"
 
-    async def stop(self, drain_timeout_s: float) -> None:
-        """Stop accepting, let queued and running requests finish (bounded), then stop the workers."""
+    async def stop(self, drain_timeout_s: float, *, grace_s: float = 0.0) -> None:
+        """Stop accepting (after ``grace_s``), let queued and running requests finish (bounded), stop the workers."""
+        if grace_s > 0:
+            await asyncio.sleep(grace_s)
         if self.state != "UNAVAILABLE":
             self.state = "UNLOADING"
         self.stopping = True  # no restart from here on (also cancels a load still in progress)
@@ -370,7 +372,7 @@ class ModelManager:
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self._latest: dict[str, list[ModelVersion]] = {}  # versions, highest first
         self._locks: dict[str, asyncio.Lock] = {}
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Task, ModelVersion] = {}
         self._pending: dict[str, tuple[object, list[ModelVersion]]] = {}  # loads waiting for warm-up
         self.load_errors: dict[tuple[str, int], str] = {}  # versions that could not be fetched, read or loaded
         self.model_errors: dict[str, str] = {}  # models that should be served but have no version to serve
@@ -629,7 +631,7 @@ class ModelManager:
         for version, old in current.items():
             if keep.get(version) is not old:
                 old.superseded = version in keep
-                self._retire(old)
+                self._retire(old, was_served=True)
         if wait and failed:
             for mv in failed:
                 self.load_errors[(name, mv.version)] = mv.reason or "timed out"
@@ -641,10 +643,13 @@ class ModelManager:
             raise LoadError("; ".join(f"model '{name}' version {v}: {m}" for v, m in errors.items()))
         return list(keep.values())
 
-    def _retire(self, mv: ModelVersion) -> None:
-        task = asyncio.get_running_loop().create_task(mv.stop(self.settings.drain_timeout_s))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+    def _retire(self, mv: ModelVersion, *, was_served: bool = False) -> None:
+        """Stop ``mv`` in the background. One that was routed to keeps taking requests for the body timeout first:
+        a request resolved to it just before the swap may still be reading its body, and must not get a 503."""
+        grace = self.settings.body_timeout_s if was_served else 0.0
+        task = asyncio.get_running_loop().create_task(mv.stop(self.settings.drain_timeout_s, grace_s=grace))
+        self._retiring[task] = mv
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def unload(self, name: str, *, polled: bool = False) -> None:
         """Stop serving a model: a pending load is cancelled, new requests get 404, queued and running ones
@@ -741,8 +746,12 @@ class ModelManager:
                 await self._poller
         versions = [mv for vs in self.models.values() for mv in vs.values()]
         versions += [mv for _, fresh in self._pending.values() for mv in fresh]
+        retiring = dict(self._retiring)
+        for task in retiring:  # no grace at shutdown: the HTTP server has answered its requests already
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        versions += retiring.values()
         self._pending.clear()
         self.models.clear()
         self._latest.clear()
         await asyncio.gather(*(mv.stop(0) for mv in versions), return_exceptions=True)
-        await asyncio.gather(*list(self._retiring), return_exceptions=True)
