@@ -175,8 +175,23 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        log.info("connection closed", extra={"status": status, "why": message,
-                                             "client": self.client[0] if self.client else None})
+        _log_refusal(self.loop.time(), status, message, self.client[0] if self.client else None)
+
+
+_last_refusal_log = -1e9
+_refusals_not_logged = 0
+
+
+def _log_refusal(now: float, status: int, message: str, client: str | None) -> None:
+    """Log a refused connection, at most once a second (a flood must not flood the log); counts the others."""
+    global _last_refusal_log, _refusals_not_logged
+    if now - _last_refusal_log < 1.0:
+        _refusals_not_logged += 1
+        return
+    log.warning("connection refused or closed", extra={"status": status, "why": message, "client": client,
+                                                       "similar_since_last_line": _refusals_not_logged})
+    _last_refusal_log = now
+    _refusals_not_logged = 0
 
 
 def protocol_class(limits: EdgeLimits) -> type[EdgeProtocol]:
@@ -219,10 +234,19 @@ class EdgeServer(uvicorn.Server):
             cycle = getattr(connection, "cycle", None)
             if cycle is not None and not cycle.response_complete:
                 cycle.keep_alive = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.shutdown_grace_s
-        while (not self.force_exit and loop.time() < deadline
-               and any(isinstance(c, EdgeProtocol) and c.idle() for c in connections)):
-            await asyncio.sleep(0.05)
+        sweeper = asyncio.get_running_loop().create_task(self._sweep_until_done())  # on_tick has stopped
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.shutdown_grace_s
+            while (not self.force_exit and loop.time() < deadline
+                   and any(isinstance(c, EdgeProtocol) and c.idle() for c in connections)):
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
+        finally:
+            sweeper.cancel()
+
+    async def _sweep_until_done(self) -> None:
+        """Keep enforcing the deadlines during the drain (a trickling body must not hold the shutdown)."""
+        while True:
             self.sweep()
-        await super().shutdown(sockets)
+            await asyncio.sleep(0.5)

@@ -93,18 +93,18 @@ def _unavailable(mv: ModelVersion, request_id: str, retry_after_s: int) -> ApiEr
                          "the server log and the repository index say why", {"Retry-After": str(retry_after_s)})
 
 
-def _not_finite(name: str, pred: np.ndarray, score: np.ndarray) -> ProtocolError | None:
-    """None when every sample's prediction and risk score are finite, else the error that refuses the request.
+def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray) -> ProtocolError | None:
+    """None when every sample's prediction, risk and risk score are finite, else the error that refuses the request.
 
-    Risk is never negative, so its mean (the score) is finite exactly when every risk value is, and an overflow of
-    the mean counts too. A NaN score would compare False with any threshold (and be ``null`` in JSON): serving it
-    would report the most out-of-range input as the least risky, so the request is refused instead.
+    A NaN score would compare False with any threshold (and be ``null`` in JSON): serving it would report the most
+    out-of-range input as the least risky, so the request is refused instead.
     """
-    if np.isfinite(score).all() and (pred.dtype.kind != "f" or np.isfinite(pred).all()):
+    if np.isfinite(score).all() and all(a.dtype.kind != "f" or np.isfinite(a).all() for a in (pred, risk)):
         return None
     finite = np.isfinite(score)
-    if pred.dtype.kind == "f":
-        finite &= np.isfinite(pred.reshape(pred.shape[0], -1)).all(axis=1)
+    for a in (pred, risk):
+        if a.dtype.kind == "f":
+            finite &= np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     bad = np.flatnonzero(~finite).tolist()
     listed = f"{bad[:20]}" + (" ..." if len(bad) > 20 else "")
     return ProtocolError(f"input '{name}': the model's output is not finite for sample(s) {listed} (the input "
@@ -130,7 +130,7 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     except ServeError as exc:
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         raise ApiError(exc.status, f"model '{mv.name}' version {mv.version}: {exc}", headers) from None
-    refused = _not_finite(name, pred, score)
+    refused = _not_finite(name, pred, risk, score)
     if refused is not None:
         raise refused
     m = mv.metrics
