@@ -3,8 +3,10 @@
     python bench/capsa_overhead.py [--device cpu|cuda] [--threads N]
 
 Batch 64, eval mode, under `torch.inference_mode()`. Models: an MLP 64-256-256-1 and a small CNN (two conv-BN-ReLU
-blocks and a Linear head on 1x28x28 images). For scale it also times the two ways of running 8 full copies of the
-model: a Python loop and `torch.func.vmap` over stacked copies.
+blocks and a Linear head on 1x28x28 images), under each wrapper and the composed stacks. For scale it also times
+the two ways of running 8 full copies of the model: a Python loop and `torch.func.vmap` over stacked copies.
+Last, a 10-class MLP classifier at batch 1000, where the reduction over the members' probabilities dominates if
+it is not cheap (vote(5) should stay within 2x the plain forward).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from capsa import neo, sample, sculpt, vote
+
+COMPOSED = {
+    "vote(sculpt) (8)": lambda: vote.Wrapper(n_voters=8, inner=sculpt.Wrapper()),
+    "sample(sculpt) (8)": lambda: sample.Wrapper(n_samples=8, inner=sculpt.Wrapper()),
+    "neo(vote(sculpt)) (8)": lambda: neo.Wrapper(inner=vote.Wrapper(n_voters=8, inner=sculpt.Wrapper())),
+}
 
 
 def mlp() -> nn.Module:
@@ -58,6 +66,7 @@ def main() -> None:
         "sample (8 passes)": lambda: sample.Wrapper(n_samples=8),
         "sample, all hidden": lambda: sample.Wrapper(n_samples=8, noise_layers=99),
         "neo": lambda: neo.Wrapper(),
+        **COMPOSED,
     }
     for name, factory, shape in [("MLP 64-256-256-1", mlp, (64,)), ("small CNN", cnn, (1, 28, 28))]:
         torch.manual_seed(0)
@@ -70,9 +79,36 @@ def main() -> None:
             with torch.inference_mode():
                 wrapped(x)
             t = seconds(lambda v, w=wrapped: w(v, return_risk=True), x, device)
-            print(f"  {label:<20} {t / base:5.2f}x  ({t * 1e6:.0f} us)")
+            print(f"  {label:<22} {t / base:5.2f}x  ({t * 1e6:.0f} us)")
         loop, full = full_copies(model, x, device)
-        print(f"  {'8 copies, loop':<20} {loop / base:5.2f}x   {'8 copies, vmap':<16} {full / base:5.2f}x")
+        print(f"  {'8 copies, loop':<22} {loop / base:5.2f}x   {'8 copies, vmap':<16} {full / base:5.2f}x")
+    classifier(device)
+
+
+def classifier(device: str) -> None:
+    """10-class MLP at batch 1000: the members' probability reduction must not dominate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = model.to(device).eval()
+    x = torch.randn(1000, 64, device=device)
+    base = seconds(model, x, device)
+    print(f"\n10-class MLP classifier, batch 1000: plain forward {base * 1e6:.0f} us")
+    for label, make in {
+        "vote (5 voters)": lambda: vote.Wrapper(n_voters=5, task="classification"),
+        "sample (8 passes)": lambda: sample.Wrapper(n_samples=8, task="classification"),
+        "neo(vote) (5)": lambda: neo.Wrapper(inner=vote.Wrapper(n_voters=5, task="classification")),
+    }.items():
+        wrapped = make()(copy.deepcopy(model)).to(device).eval()
+        with torch.inference_mode():
+            wrapped(x)
+        t = seconds(lambda v, w=wrapped: w(v, return_risk=True), x, device)
+        print(f"  {label:<22} {t / base:5.2f}x  ({t * 1e6:.0f} us)")
+    members = torch.randn(5, 1000, 10, device=device)
+    old = seconds(lambda v: torch.std_mean(v.softmax(-1), dim=0), members, device)
+    from capsa._members import reduce_members
+
+    new = seconds(lambda v: reduce_members(v, "classification", -1), members, device)
+    print(f"  reduction of [5, 1000, 10]: torch.std_mean {old * 1e6:.0f} us, capsa {new * 1e6:.0f} us")
 
 
 def full_copies(model: nn.Module, x: torch.Tensor, device: str) -> tuple[float, float]:

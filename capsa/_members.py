@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -27,15 +26,16 @@ def mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, safe_sqrt((x - mean).square().mean(dim=0))
 
 
-def _probability_spread(log_probs: Tensor) -> Tensor:
-    """Standard deviation over dim 0 of ``exp(log_probs)``, computed so that tiny probabilities keep their order.
+def _probability_mixture(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Log of the mean and standard deviation over dim 0 of ``exp(log_probs)``, keeping tiny probabilities' order.
 
-    Each class is scaled by its largest member probability before squaring (``std(p) = m * std(p / m)``), so the
-    squares cannot underflow: a spread of 1e-30 stays 1e-30 (and ranks below 1e-25) instead of becoming 0.
+    Each class is scaled by its largest member probability ``m`` first (``std(p) = m * std(p / m)``), so no square
+    underflows: a spread of 1e-30 stays 1e-30 (and ranks below 1e-25) instead of becoming 0, and the log of the
+    mean probability is exact even where the probability itself underflows.
     """
-    peak = log_probs.amax(dim=0, keepdim=True)
-    _, spread = mean_std(torch.exp(log_probs - peak))
-    return spread * torch.exp(peak.squeeze(0))
+    peak = log_probs.amax(dim=0)
+    mean, spread = mean_std(torch.exp(log_probs - peak))
+    return mean.log() + peak, spread * torch.exp(peak)
 
 
 def reduce_members(
@@ -63,9 +63,8 @@ def reduce_members(
     aleatoric = None
     if task == "classification":
         dim = class_dim + 1 if class_dim >= 0 else class_dim
-        log_probs = outs.log_softmax(dim=dim)
-        prediction = torch.logsumexp(log_probs, dim=0) - math.log(outs.shape[0])
-        epistemic = _probability_spread(log_probs)
+        # outs - logsumexp is log_softmax, several times faster than torch's kernel for few classes on CPU
+        prediction, epistemic = _probability_mixture(outs - outs.logsumexp(dim=dim, keepdim=True))
     else:
         prediction, epistemic = mean_std(outs)
         if scales is not None:

@@ -369,3 +369,32 @@ def test_composed_bundle_round_trip_in_a_fresh_process(stack: str, family: str, 
         y, risk = wrapped(x, return_risk=True)
     assert torch.equal(got["prediction"], y) and torch.equal(got["total"], risk.total)
     assert all(torch.equal(got[k], v) for k, v in risk.components().items())
+
+
+# ------------------------------------------------------------------ classifier risk under saturation
+def test_saturated_classifier_risk_keeps_its_order() -> None:
+    """Probabilities that saturate in float32 (the top class is exactly 1.0) still rank by how far they saturate (the
+    spread is computed on probabilities scaled by their largest member, so no square underflows), and the
+    prediction is the exact log of the mean probability even where the probability itself underflows to 0."""
+    from capsa._members import reduce_members
+
+    gaps = torch.tensor([45.0, 60.0, 75.0])  # runner-up probability about 3e-20, 9e-27, 3e-33
+    wiggle = torch.tensor([0.0, 0.5, 1.0, 1.5])  # the members disagree a little
+    logits = torch.zeros(4, 3, 2)
+    logits[..., 0] = gaps[None, :] + wiggle[:, None]
+    assert (logits.softmax(-1)[..., 0] == 1.0).all()  # saturated in float32
+
+    prediction, risk = reduce_members(logits, "classification", -1)
+    spread = risk.epistemic[:, 1]
+    assert (spread > 0).all() and spread[0] > spread[1] > spread[2]
+    score = capsa.risk_score(risk)
+    assert (score > 0).all() and score[0] > score[1] > score[2]
+    assert torch.isfinite(prediction).all() and (prediction[:, 1] < -40).all()  # exact log mean probability
+    expected = torch.logsumexp(logits.double().log_softmax(-1), dim=0) - torch.log(torch.tensor(4.0)).double()
+    assert torch.allclose(prediction.double(), expected, rtol=1e-5)
+
+    far = torch.zeros(4, 1, 2)
+    far[..., 0] = 120.0 + wiggle[:, None]  # the runner-up's probability underflows to 0 in float32
+    assert (far.softmax(-1)[..., 1] == 0).all()
+    prediction, _ = reduce_members(far, "classification", -1)
+    assert -122.0 < prediction[0, 1].item() < -120.0  # log of the mean probability, not log(tiny) = -87.3
