@@ -2,24 +2,17 @@
 privilege escalation, UID 10001, the emptyDir volumes as tmpfs, the ConfigMap's ``CAPSA_*`` settings.
 
 Checks: the image's HEALTHCHECK turns healthy; ready; V2 and V1 predictions carry risk; ``/metrics``; ``/docs``
-works with no Internet access; Prometheus scrapes the live container with deploy/prometheus/prometheus.yml and
-evaluates every alert rule, each on series that exist.
+works with no Internet access. (Prometheus on a live container: test_s3_image.py.)
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests.deploy.helpers import PROMETHEUS, find_executable, missing_tool, promql_metric_names
-
-from .helpers import Container, free_port, wait_for
+from .helpers import Container, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -82,94 +75,3 @@ def test_docs_need_no_internet(demo_container: Container) -> None:
             answer = client.get(asset)
             assert answer.status_code == 200 and len(answer.content) > 1000, (asset, answer.status_code)
         assert client.get("/openapi.json").status_code == 200
-
-
-# --- Prometheus on the live container ------------------------------------------------------------------------------
-
-def _prometheus_config(tmp: Path, target: str) -> Path:
-    """deploy/prometheus/prometheus.yml with the target of the live container, 1 s intervals and the rule files
-    by absolute path; nothing else changed."""
-    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
-    config["rule_files"] = [str(PROMETHEUS / rule) for rule in config["rule_files"]]
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "capsa-serve"]
-    job["static_configs"] = [{"targets": [target]}]
-    path = tmp / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _api(url: str, path: str, **params: str) -> Any:
-    answer = httpx.get(url + path, params=params, timeout=10)
-    answer.raise_for_status()
-    body = answer.json()
-    assert body["status"] == "success", body
-    return body["data"]
-
-
-def test_prometheus_scrapes_and_every_rule_evaluates_on_live_series(demo_container: Container,
-                                                                     tmp_path: Path) -> None:
-    prometheus = find_executable("prometheus")
-    if not prometheus:
-        missing_tool("promtool")  # same Debian package
-    # Traffic that gives every series the rules select a sample: predictions (flagged ones too) and a failure.
-    with httpx.Client(base_url=demo_container.url, timeout=30) as client:
-        for _ in range(5):
-            assert client.post("/v1/models/demo:predict", json={"instances": [[0.5], [9.0]]}).status_code == 200
-        assert client.post("/v1/models/demo:predict", json={"instances": [[0.5, 1.0]]}).status_code == 400
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={_prometheus_config(tmp_path, f'127.0.0.1:{demo_container.port}')}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        def logs() -> str:
-            return (tmp_path / "prometheus.log").read_text(errors="replace")[-4000:]
-
-        def target_up() -> bool:
-            assert proc.poll() is None, f"prometheus exited {proc.returncode}:\n{logs()}"
-            try:
-                targets = _api(url, "/api/v1/targets")["activeTargets"]
-            except httpx.HTTPError:
-                return False
-            return any(t["labels"].get("job") == "capsa-serve" and t["health"] == "up" for t in targets)
-
-        wait_for("prometheus scrapes the container", target_up, 120, logs)
-        rules_file = yaml.safe_load(next((PROMETHEUS / "rules").glob("*.yml")).read_text())
-        expected = {r.get("alert") or r.get("record") for g in rules_file["groups"] for r in g["rules"]}
-
-        def rules_evaluated() -> list[dict[str, Any]] | None:
-            rules = [r for g in _api(url, "/api/v1/rules")["groups"] for r in g["rules"]]
-            done = [r for r in rules if not r.get("lastEvaluation", "").startswith("0001")]
-            return rules if len(done) == len(rules) and {r["name"] for r in rules} == expected else None
-
-        rules = wait_for("prometheus evaluates every rule", rules_evaluated, 120, logs)
-        for rule in rules:
-            assert rule["health"] == "ok" and not rule.get("lastError"), rule
-
-        def selected_series() -> dict[str, int]:
-            counts = {}
-            for rule in rules:
-                for name in promql_metric_names(rule["query"]):
-                    counts[name] = len(_api(url, "/api/v1/series", **{"match[]": name}))
-            return counts
-
-        missing: dict[str, int] = {}
-
-        def every_selector_has_series() -> bool:
-            nonlocal missing
-            missing = {name: n for name, n in selected_series().items() if n == 0}
-            return not missing
-
-        wait_for("every metric a rule selects has series", every_selector_has_series, 60,
-                 lambda: f"no series for {sorted(missing)}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -128,21 +129,60 @@ def test_healthcheck_hits_live_without_curl() -> None:
     compile(argv[argv.index("-c") + 1], "<HEALTHCHECK>", "exec")
 
 
+def _pip_install_args(command: str) -> list[str]:
+    """The arguments of the first ``pip ... install`` in a RUN command, up to the next ``&&``."""
+    segment = re.split(r"\bpip\b(?:\s+--python\s+\S+)?\s+install\b", command, maxsplit=1)[1].split("&&")[0]
+    return shlex.split(segment)
+
+
 def test_installs_from_pyproject_only() -> None:
     """The project is installed with `pip install .`; torch is the only package named (for its index)."""
     runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
-    installs = [r for r in runs if "pip install" in r]
-    assert any(re.search(r"pip install (--\S+ )*\.(\s|$)", r) for r in installs), installs
+    installs = [r for r in runs if re.search(r"\bpip\b.*\binstall\b", r)]
+    assert installs, runs
+    with_values = {"--index-url", "--extra-index-url", "--python", "--find-links", "-i"}
+    named_by_install = []
     for command in installs:
         assert "-r " not in command and "requirements" not in command, f"a second dependency list: {command}"
         assert "--no-cache-dir" in command, f"pip cache left in the layer: {command}"
-        named = [tok for tok in re.split(r"\s+", command.split("pip install", 1)[1].split("&&")[0])
-                 if tok and not tok.startswith("-") and not tok.startswith('"https') and tok != "."]
-        assert all(tok.strip('"').startswith("torch==") for tok in named), (
+        args, named = _pip_install_args(command), []
+        skip = False
+        for token in args:
+            if skip:
+                skip = False
+            elif token in with_values:
+                skip = True
+            elif not token.startswith("-"):
+                named.append(token)
+        named_by_install.append(named)
+        assert all(tok == "." or tok.startswith("torch==") for tok in named), (
             f"only torch may be named (from the PyTorch index); everything else comes from pyproject.toml: {command}")
-    assert any("download.pytorch.org/whl/${TORCH_VARIANT}" in r for r in installs)
+    assert ["."] in named_by_install, f"no `pip install .`: {installs}"
     args = dict(a.partition("=")[::2] for k, a in dockerfile_instructions() if k == "ARG")
     assert args.get("TORCH_VARIANT") == "cpu", "the default image is the CPU one"
+
+
+def test_package_indexes_are_build_arguments() -> None:
+    """Air-gapped builds: every package comes from PIP_INDEX_URL (PyPI by default) or TORCH_INDEX_URL (the
+    PyTorch index of TORCH_VARIANT by default); no URL is written into an install command."""
+    args = dict(a.partition("=")[::2] for k, a in dockerfile_instructions() if k == "ARG")
+    assert args.get("PIP_INDEX_URL") == "https://pypi.org/simple"
+    assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    installs = [a for k, a in dockerfile_instructions() if k == "RUN" and re.search(r"\bpip\b.*\binstall\b", a)]
+    for command in installs:
+        install = _pip_install_args(command)
+        assert "--index-url" in install, f"an install without an explicit index: {command}"
+        index = install[install.index("--index-url") + 1]
+        expected = "${TORCH_INDEX_URL}" if any(t.startswith("torch==") for t in install) else "${PIP_INDEX_URL}"
+        assert index == expected, command
+
+
+def test_no_syntax_directive() -> None:
+    """`# syntax=...` makes BuildKit pull a frontend image from Docker Hub: the build fails offline."""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break  # parser directives are only recognised before the first instruction or blank line
+        assert not re.match(r"#\s*syntax\s*=", line, re.I), line
 
 
 def test_no_secrets_baked_in() -> None:

@@ -73,6 +73,10 @@ def _samples(url: str) -> dict[str, float]:
     assert response.status_code == 200
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(response.text):
+        if not family.samples:
+            # Exported with no series yet (e.g. capsa_model_load_failed while no version has failed): the name
+            # exists, so a rule or panel selecting it is not misspelt.
+            totals.setdefault(family.name, 0.0)
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals

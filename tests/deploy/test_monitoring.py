@@ -76,7 +76,10 @@ def test_the_alerts_the_issue_asks_for() -> None:
     metric_of = {name: promql_metric_names(expr) for name, expr in exprs.items()}
     assert {"capsa_inference_request_failure_total"} <= metric_of["CapsaHighFailureRate"]
     assert {"capsa_flagged_total", "capsa_inference_count_total"} <= metric_of["CapsaRiskDrift"]
-    assert {"capsa_model_ready"} <= metric_of["CapsaNoModelReady"]
+    # An empty registry exports no per-version series: the alert must use the always-exported state counts.
+    assert metric_of["CapsaNoModelReady"] == {"capsa_model_versions"}
+    assert 'state="ready"' in exprs["CapsaNoModelReady"]
+    assert metric_of["CapsaModelLoadFailed"] == {"capsa_model_load_failed"}
     assert {"capsa_inference_request_duration_seconds_bucket"} <= metric_of["CapsaHighP99Latency"]
     for rule in _rules():
         assert rule["labels"]["severity"] in ("warning", "critical")

@@ -21,7 +21,7 @@ def _get_all(root: Path, paths: list[str]) -> dict[str, httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
             answers = {path: await client.get(path) for path in paths}
-            for path, page in list(answers.items()):
+            for page in list(answers.values()):
                 for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
                     answers[asset] = await client.get(asset)
             return answers
