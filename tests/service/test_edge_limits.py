@@ -125,6 +125,18 @@ def test_silent_and_slow_header_connections_are_closed(edge: ServerProcess) -> N
     assert _healthy(edge)
 
 
+def test_endless_headers_get_431(edge: ServerProcess) -> None:
+    sock = _connect(edge)
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+    # 70 x 1 KiB of headers that never end, then nothing: the server reads it all and stops it at 64 KiB
+    sock.sendall(b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(70)))
+    answer = _read_until_closed(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"CAPSA_MAX_HEADER_BYTES" in answer
+    assert _healthy(edge)
+
+
 def test_a_body_slower_than_its_deadline_gets_408(edge: ServerProcess) -> None:
     sock = _connect(edge)
     sock.sendall(b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\": ")
