@@ -90,6 +90,16 @@ def test_v2_json_and_binary_and_v1_are_identical(client: TestClient) -> None:
         ("/v2/models/m/infer", {"content": iter([b"x" * 3000, b"x" * 3000])}, 413),
         ("/v1/models/m:predict", {"content": b'{"instances": [[1, 2]]}'}, 400),
         ("/v2/models/m/infer", {"content": b"{}", "headers": {"Authorization": "Bearer bad"}}, 401),
+        ("/v2/models/m/versions/01/infer", {"content": b"{}"}, 404),
+        ("/v2/models/m/infer", {"content": b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], '
+                                           b'"data": ["1", "2", "3", "4"]}]}'}, 400),
+        ("/v2/models/m/infer", {"content": b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], '
+                                           b'"data": [1, 2, 3, 4]}], "outputs": [{"name": "risk"}, '
+                                           b'{"name": "risk"}]}'}, 400),
+        ("/v1/models/m:predict", {"content": b'{"instances": [[1, 2, 3, 4]], "parameters": '
+                                             b'{"risk_threshold": -1}}'}, 400),
+        ("/v2/models/m/infer", {"content": b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], '
+                                           b'"data": [3e38, 3e38, 3e38, 3e38]}]}'}, 400),
     ],
 )
 def test_errors_are_identical(client: TestClient, path: str, kwargs: dict, status: int) -> None:
