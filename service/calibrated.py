@@ -1,0 +1,154 @@
+"""Calibrated outputs and risk drift, in the server's HTTP process (numpy only, no torch).
+
+A calibrated bundle (`capsa.calibrate`, ``capsa calibrate``) adds, next to ``prediction``/``risk``/``risk_score``:
+``risk_percentile`` (FP32 ``[N]``: the share of calibration data that was less risky) and, for regression,
+``interval_lower``/``interval_upper`` (shaped like ``prediction``, at the calibrated coverage) or, for
+classification, ``probabilities`` (FP32, temperature-scaled) and ``prediction_set`` (BOOL, the conformal set).
+The worker already returns the prediction, the total risk and the score, so these are a few numpy operations here.
+
+Drift: for a calibrated model, risk percentiles of normal traffic are uniform, so about 10% of samples lie above
+the 0.9 percentile. `DriftMonitor` keeps the last ``CAPSA_DRIFT_WINDOW`` percentiles and exports, as
+``capsa_risk_drift``, the binomial z-score of the share above 0.9 against the expected 10%:
+``(k - 0.1 n) / sqrt(0.09 n)`` for ``k`` of the ``n`` samples in the window. It is about N(0, 1) on normal traffic
+(|z| > 4 by chance about once in 16,000 independent windows) and grows with both the size of the shift and the
+evidence (``n``): a statistic, not a p-value.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsa.calibration import Calibration, CalibrationError
+from capsa.manifest import CALIBRATION_FILE
+
+__all__ = ["DRIFT_LEVEL", "DriftMonitor", "ServedCalibration", "flag_by_percentile"]
+
+#: Drift compares the share of samples above this percentile with what normal data gives (1 - DRIFT_LEVEL).
+DRIFT_LEVEL = 0.9
+
+
+class ServedCalibration:
+    """A version's calibration as the HTTP process applies it: the extra output names, their metadata, values."""
+
+    def __init__(self, calibration: Calibration) -> None:
+        self.calibration = calibration
+        self.task = calibration.task
+        extra = ("interval_lower", "interval_upper") if self.task == "regression" else (
+            "probabilities", "prediction_set")
+        self.outputs: tuple[str, ...] = ("risk_percentile", *extra)
+
+    @classmethod
+    def load(cls, path: Path, meta: dict[str, Any]) -> ServedCalibration | None:
+        """The calibration of the bundle at ``path`` (``meta`` is its parsed capsa.json), or None when uncalibrated.
+
+        Raises `CalibrationError` naming the file when the calibration is damaged or belongs to other weights.
+        """
+        record = meta.get("calibration")
+        if record is None:
+            return None
+        try:
+            data = (path / CALIBRATION_FILE).read_bytes()
+        except OSError as exc:
+            raise CalibrationError(f"{path}: cannot read {CALIBRATION_FILE}: {exc}") from None
+        calibration = Calibration.from_parts(record, data, source=str(path))
+        if calibration.weights_sha256 != meta.get("weights_sha256"):
+            raise CalibrationError(
+                f"{path}: the calibration was made for weights with SHA-256 {calibration.weights_sha256}, not these"
+            )
+        return cls(calibration)
+
+    def metadata(self, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+        """V2 metadata of the extra outputs, given the ``prediction`` output's ``{name, datatype, shape}``."""
+        shape = list(prediction["shape"])
+        specs = {
+            "risk_percentile": ("FP32", shape[:1]),
+            "interval_lower": (prediction["datatype"], shape),
+            "interval_upper": (prediction["datatype"], shape),
+            "probabilities": ("FP32", shape),
+            "prediction_set": ("BOOL", shape),
+        }
+        return [{"name": n, "datatype": specs[n][0], "shape": specs[n][1]} for n in self.outputs]
+
+    def parameters(self) -> dict[str, Any]:
+        """What the model metadata states about the calibration."""
+        cal = self.calibration
+        return {"calibration": {"task": cal.task, "coverage": cal.coverage, "samples": cal.samples,
+                                "method": cal.method}}
+
+    def percentile(self, score: np.ndarray) -> np.ndarray:
+        """``risk_percentile`` (FP32 ``[N]``) of the served risk scores."""
+        return self.calibration.risk_percentile(np.asarray(score, dtype=np.float64)).astype(np.float32)
+
+    def compute(self, names: set[str] | frozenset[str], prediction: np.ndarray, risk: np.ndarray,
+                percentile: np.ndarray) -> dict[str, np.ndarray]:
+        """The requested extra outputs (``risk_percentile`` passed in, it is computed once per request)."""
+        out: dict[str, np.ndarray] = {}
+        if "risk_percentile" in names:
+            out["risk_percentile"] = percentile
+        cal = self.calibration
+        if names & {"interval_lower", "interval_upper"}:
+            lower, upper = cal.interval(prediction, risk)
+            dtype = prediction.dtype if prediction.dtype.kind == "f" else np.float32
+            out["interval_lower"], out["interval_upper"] = lower.astype(dtype), upper.astype(dtype)
+        if "probabilities" in names:
+            out["probabilities"] = cal.probabilities(prediction).astype(np.float32)
+        if "prediction_set" in names:
+            out["prediction_set"] = cal.prediction_set(prediction)
+        return out
+
+
+def flag_by_percentile(value: Any) -> float:
+    """A ``risk_percentile_threshold`` as a float in (0, 1), else `ValueError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"risk_percentile_threshold must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+class DriftMonitor:
+    """The last ``window`` risk percentiles of one model version, reduced to a drift z-score (see module doc)."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"drift window must be at least 1 sample, got {window}")
+        self.window = window
+        self._above = np.zeros(window, dtype=bool)
+        self._next = 0
+        self._filled = 0
+        self._count = 0  # samples above DRIFT_LEVEL in the window
+        self._lock = threading.Lock()
+
+    def add(self, percentiles: np.ndarray) -> float:
+        """Record a batch's percentiles (NaN ones skipped); returns the statistic over the window."""
+        values = np.asarray(percentiles, dtype=np.float64)
+        above = values[np.isfinite(values)] > DRIFT_LEVEL
+        with self._lock:
+            if above.size >= self.window:
+                above = above[-self.window :]
+                self._above[:] = above
+                self._next, self._filled, self._count = 0, self.window, int(above.sum())
+            else:
+                n = above.size
+                idx = (self._next + np.arange(n)) % self.window
+                self._count -= int(self._above[idx].sum())  # slots never written hold False
+                self._above[idx] = above
+                self._count += int(above.sum())
+                self._next = (self._next + n) % self.window
+                self._filled = min(self.window, self._filled + n)
+            return self._statistic()
+
+    def statistic(self) -> float:
+        """``(k - 0.1 n) / sqrt(0.09 n)`` over the window (0 while it is empty)."""
+        with self._lock:
+            return self._statistic()
+
+    def _statistic(self) -> float:
+        n = self._filled
+        if n == 0:
+            return 0.0
+        p = 1.0 - DRIFT_LEVEL
+        return (self._count - p * n) / math.sqrt(p * (1 - p) * n)
