@@ -72,8 +72,17 @@ capsa_base_image() {
         local rootfs="$CAPSA_CI_DIR/base/rootfs"
         _capsa_sudo rm -rf "$rootfs"
         _capsa_log "debootstrap bookworm (minbase + python3 python3-venv)"
-        _capsa_sudo debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-            bookworm "$rootfs" http://deb.debian.org/debian >"$CAPSA_CI_DIR/base/debootstrap.log" 2>&1
+        # The Debian mirror this machine's apt uses (CAPSA_DEBIAN_MIRROR overrides it).
+        local mirror="${CAPSA_DEBIAN_MIRROR:-}"
+        [ -n "$mirror" ] || mirror="$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' \
+            /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1 || true)"
+        [ -n "$mirror" ] || mirror="$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' \
+            /etc/apt/sources.list 2>/dev/null || true)"
+        [ -n "$mirror" ] || { echo "no Debian mirror found in apt's sources; set CAPSA_DEBIAN_MIRROR" >&2; return 1; }
+        if ! _capsa_sudo debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+                bookworm "$rootfs" "$mirror" >"$CAPSA_CI_DIR/base/debootstrap.log" 2>&1; then
+            echo "debootstrap failed:" >&2; tail -n 30 "$CAPSA_CI_DIR/base/debootstrap.log" >&2; return 1
+        fi
         # Like the official python image: `python` on PATH, no apt caches or lists, no docs.
         _capsa_sudo ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
         _capsa_sudo rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc/* \
