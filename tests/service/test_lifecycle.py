@@ -89,15 +89,16 @@ def test_killed_worker_fails_its_request_with_503_and_is_restarted(server: Serve
         r = result["r"]
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "died" in r.json()["error"], r.text
         # readiness reflects the dead worker, then the restart
-        ready = httpx.get(f"{server.url}/v2/models/killme/ready")
+        ready = httpx.get(f"{server.url}/v2/models/killme/ready", timeout=30)
         if ready.status_code == 200:  # restarted already: check the pid changed
             assert server.worker_pids("killme-1-")[-1] != pid
-        wait_until(lambda: httpx.get(f"{server.url}/v2/models/killme/ready").status_code == 200, 60, "restart")
+        wait_until(lambda: httpx.get(f"{server.url}/v2/models/killme/ready", timeout=30).status_code == 200, 60,
+                   "restart")
     assert other.statuses and set(other.statuses) == {200}, "another model was affected"
     pids = server.worker_pids("killme-1-")
     assert len(pids) == 2 and pids[-1] != pid
     assert infer(server.url, "killme", rows(2)).status_code == 200
-    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=30).status_code == 200
     entries = [e for e in server.log_entries() if e.get("msg") == "worker exited" and e.get("pid") == pid]
     assert entries and entries[0]["level"] == "error" and entries[0]["exitcode"] == -signal.SIGKILL
 
@@ -105,17 +106,17 @@ def test_killed_worker_fails_its_request_with_503_and_is_restarted(server: Serve
 # ---------------------------------------------------------------------------------------------- repository
 def test_repository_routes_need_the_admin_token(server: ServerProcess) -> None:
     for path in ("/v2/repository/index", "/v2/repository/models/swap/load", "/v2/repository/models/swap/unload"):
-        r = httpx.post(server.url + path)
+        r = httpx.post(server.url + path, timeout=30)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
-        r = httpx.post(server.url + path, headers={"Authorization": "Bearer wrong"})
+        r = httpx.post(server.url + path, headers={"Authorization": "Bearer wrong"}, timeout=30)
         assert r.status_code == 401 and "admin token" in r.json()["error"]
-    index = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH)
+    index = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH, timeout=30)
     assert index.status_code == 200
     states = {(e["name"], e["version"]): e["state"] for e in index.json()}
     assert states[("vote", "1")] == "READY" and states[("swap", "1")] == "READY"
-    ready_only = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH, json={"ready": True}).json()
+    ready_only = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH, json={"ready": True}, timeout=30).json()
     assert all(e["state"] == "READY" for e in ready_only)
-    r = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH, content=b"{bad")
+    r = httpx.post(f"{server.url}/v2/repository/index", headers=AUTH, content=b"{bad", timeout=30)
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
     # Triton's own client (JSON bodies without a JSON content type)
     import tritonclient.http as triton
@@ -138,21 +139,22 @@ def test_unload_and_load_new_version_without_dropping_other_requests(server: Ser
     x = rows(3)
     assert infer(url, "swap", x).status_code == 200
     with Hammer(url, "vote") as other:
-        r = httpx.post(f"{url}/v2/repository/models/swap/unload", headers=AUTH, json={})
+        r = httpx.post(f"{url}/v2/repository/models/swap/unload", headers=AUTH, json={}, timeout=120)
         assert r.status_code == 200, r.text
         assert infer(url, "swap", x).status_code == 404
-        assert httpx.get(f"{url}/v2/models/swap/ready").status_code == 404
-        assert httpx.get(f"{url}/v2/health/ready").status_code == 200  # an unloaded model is not expected
-        states = {(e["name"], e["version"]): e for e in httpx.post(f"{url}/v2/repository/index", headers=AUTH).json()}
+        assert httpx.get(f"{url}/v2/models/swap/ready", timeout=30).status_code == 404
+        assert httpx.get(f"{url}/v2/health/ready", timeout=30).status_code == 200  # an unloaded model is not expected
+        states = {(e["name"], e["version"]): e
+                  for e in httpx.post(f"{url}/v2/repository/index", headers=AUTH, timeout=30).json()}
         assert states[("swap", "1")]["state"] == "UNAVAILABLE" and states[("swap", "1")]["reason"] == "not loaded"
 
-        assert httpx.post(f"{url}/v2/repository/models/swap/load", headers=AUTH).status_code == 200
+        assert httpx.post(f"{url}/v2/repository/models/swap/load", headers=AUTH, timeout=120).status_code == 200
         assert infer(url, "swap", x).status_code == 200
 
         # publish version 2 and load it: the latest-1 policy serves 2 in place of 1
         bundle2 = build_bundle(registry["work"] / "swap-2", "vote", seed=7)
         publish(bundle2, str(registry["root"]), "swap", 2)
-        assert httpx.post(f"{url}/v2/repository/models/swap/load", headers=AUTH).status_code == 200
+        assert httpx.post(f"{url}/v2/repository/models/swap/load", headers=AUTH, timeout=120).status_code == 200
         r = infer(url, "swap", x)
         assert r.status_code == 200 and r.json()["model_version"] == "2"
         pred, risk, _ = expected(capsa.load_bundle(bundle2), x)
@@ -160,8 +162,8 @@ def test_unload_and_load_new_version_without_dropping_other_requests(server: Ser
         np.testing.assert_allclose(got["prediction"], pred, **TOL)
         np.testing.assert_allclose(got["risk"], risk, **TOL)
         assert infer(url, "swap/versions/1", x).status_code == 404
-        assert httpx.post(f"{url}/v2/repository/models/nope/load", headers=AUTH).status_code == 404
-        assert httpx.post(f"{url}/v2/repository/models/nope/unload", headers=AUTH).status_code == 404
+        assert httpx.post(f"{url}/v2/repository/models/nope/load", headers=AUTH, timeout=120).status_code == 404
+        assert httpx.post(f"{url}/v2/repository/models/nope/unload", headers=AUTH, timeout=120).status_code == 404
     assert other.statuses and set(other.statuses) == {200}, "loading/unloading swap affected another model"
 
 
@@ -184,7 +186,8 @@ def locked_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     try:
         proc.wait_ready(path="/v2/health/live")
         for model in ("good", "twin"):
-            wait_until(lambda m=model: httpx.get(f"{proc.url}/v2/models/{m}/ready").status_code == 200, 120, model)
+            wait_until(lambda m=model: httpx.get(f"{proc.url}/v2/models/{m}/ready", timeout=30).status_code == 200,
+                       120, model)
         yield proc
     finally:
         assert proc.stop() == 0
@@ -192,7 +195,7 @@ def locked_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 
 def test_without_admin_token_repository_routes_are_403(locked_server: ServerProcess) -> None:
     for path in ("/v2/repository/index", "/v2/repository/models/good/load", "/v2/repository/models/good/unload"):
-        r = httpx.post(locked_server.url + path, headers={"Authorization": "Bearer anything"})
+        r = httpx.post(locked_server.url + path, headers={"Authorization": "Bearer anything"}, timeout=30)
         assert r.status_code == 403 and "CAPSA_ADMIN_TOKEN" in r.json()["error"]
 
 
@@ -200,20 +203,24 @@ def test_inference_token(locked_server: ServerProcess) -> None:
     url = locked_server.url
     assert infer(url, "good", rows()).status_code == 401
     assert infer(url, "good", rows(), headers={"Authorization": "Bearer nope"}).status_code == 401
-    r = httpx.post(f"{url}/v1/models/good:predict", json={"instances": rows().tolist()})
+    r = httpx.post(f"{url}/v1/models/good:predict", json={"instances": rows().tolist()}, timeout=30)
     assert r.status_code == 401
     assert infer(url, "good", rows(), headers={"Authorization": "Bearer infer-tok"}).status_code == 200
-    assert httpx.get(f"{url}/v2/models/good").status_code == 200  # metadata stays open
+    assert httpx.get(f"{url}/v2/models/good", timeout=30).status_code == 200  # metadata stays open
 
 
 def test_model_that_fails_to_load_is_reported_and_contained(locked_server: ServerProcess) -> None:
     url = locked_server.url
     wait_until(lambda: "failed to load" in locked_server.log(), 120, "the load failure")
-    assert httpx.get(f"{url}/v2/models/broken/ready").status_code == 503
-    assert httpx.get(f"{url}/v2/health/ready").status_code == 503  # a model that should be served is not
+    assert httpx.get(f"{url}/v2/models/broken/ready", timeout=30).status_code == 503
+    # the default readiness policy: every version settled (loaded or failed with a reason) and one model serves
+    ready = httpx.get(f"{url}/v2/health/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json() == {
+        "ready": True, "models": [{"name": "broken", "version": "1", "reason": "failed to load"}]}
     r = infer(url, "broken", rows(), headers={"Authorization": "Bearer infer-tok"})
-    assert r.status_code == 503 and "does not fit" in r.json()["error"] and r.headers["retry-after"]
-    meta = httpx.get(f"{url}/v2/models/broken").json()
+    assert r.status_code == 503 and "unavailable" in r.json()["error"] and r.headers["retry-after"]
+    assert "does not fit" in locked_server.log() or "size mismatch" in locked_server.log()
+    meta = httpx.get(f"{url}/v2/models/broken", timeout=30).json()
     assert meta["parameters"]["state"] == "UNAVAILABLE"
     assert infer(url, "good", rows(), headers={"Authorization": "Bearer infer-tok"}).status_code == 200
 
@@ -236,7 +243,7 @@ def test_killed_worker_batch_is_retried_on_another_worker(locked_server: ServerP
         t.join()
     assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
     wait_until(lambda: len(locked_server.worker_pids("twin-1-")) == 3, 60, "the restarted worker")
-    assert httpx.get(f"{url}/v2/models/twin/ready").status_code == 200
+    assert httpx.get(f"{url}/v2/models/twin/ready", timeout=30).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------- shutdown, demo
@@ -273,7 +280,7 @@ def test_demo_comes_up_and_answers_with_risk(tmp_path: Path) -> None:
                          args=["--demo"])
     try:
         proc.wait_ready(timeout=300)
-        r = httpx.post(f"{proc.url}/v1/models/demo:predict", json={"instances": [[0.0], [1.0], [7.0]]})
+        r = httpx.post(f"{proc.url}/v1/models/demo:predict", json={"instances": [[0.0], [1.0], [7.0]]}, timeout=30)
         assert r.status_code == 200, r.text
         doc = r.json()
         assert len(doc["predictions"]) == 3 and len(doc["flagged"]) == 3
