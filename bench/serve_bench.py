@@ -170,7 +170,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_registry(Path(tmp), args.voters)
         port = free_port()
-        server_env = {**env, "CAPSA_ACCESS_LOG": "false" if args.no_access_log else "true"}
+        server_env = {**env, "CAPSA_ACCESS_LOG": "false" if args.no_access_log else "true",
+                      "CAPSA_ALLOWED_MODULES": "architecture"}  # the bundle carries its code (serve_arch.py)
         with open(Path(tmp) / "server.log", "wb") as logfile:
             server = subprocess.Popen(
                 [sys.executable, "-m", "service", "--model-repository", tmp, "--port", str(port), "--devices", "cpu"],

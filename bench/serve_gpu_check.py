@@ -64,7 +64,7 @@ def main() -> int:
         refs[name] = capsa.load_bundle(bundle)
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CAPSA_DEVICES": "auto", "CAPSA_ACCESS_LOG": "false"}
+           "CAPSA_DEVICES": "auto", "CAPSA_ACCESS_LOG": "false", "CAPSA_ALLOWED_MODULES": "tests.fixtures"}
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "service", "--model-repository", str(root), "--port", str(port)],

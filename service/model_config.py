@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+from capsa.manifest import check_allowed_entry
 
 
 class ConfigError(ValueError):
@@ -125,7 +124,8 @@ class ModelConfig(BaseModel):
         None, ge=0, allow_inf_nan=False, description="Risk above which a prediction is flagged."
     )
     allowed_modules: list[str] | None = Field(
-        None, description="Dotted module prefixes a bundle's architecture may come from (None: any)."
+        None, description="Narrows the server's CAPSA_ALLOWED_MODULES for this model (never widens it): module "
+                          "prefixes or 'module:factory' entries (None: the server's list as it is)."
     )
     allow_non_finite: bool = Field(False, description="Accept NaN/inf inputs instead of answering 400.")
 
@@ -134,8 +134,7 @@ class ModelConfig(BaseModel):
     def _module_names(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             for name in value:
-                if not _MODULE_RE.match(name):
-                    raise ValueError(f"{name!r} is not a dotted module name")
+                check_allowed_entry(name)  # ValueError naming the entry
         return value
 
     @field_validator("max_batch_delay_ms", "risk_threshold")

@@ -24,11 +24,15 @@ import torch
 
 import capsa
 from service.registry import publish
+from service.settings import DEMO_ARCHITECTURE
 from tests.fixtures.archs import mlp
 
 REPO = Path(__file__).resolve().parents[2]
 SLEEPY_ARCH = Path(__file__).with_name("sleepy_arch.py")
 ADMIN_TOKEN = "s3cret-admin"
+#: The code the test servers may run (CAPSA_ALLOWED_MODULES): the demo, the test architectures and bundle-local
+#: code (the tests' own bundles); a test that needs another list passes its own in ``env``.
+TEST_ALLOWED_MODULES = f"{DEMO_ARCHITECTURE},tests.fixtures,tests.service,architecture"
 IN_FEATURES = 4
 
 WRAPPERS = {
@@ -90,7 +94,10 @@ def serve_command() -> list[str]:
 
 
 class ServerProcess:
-    """``capsa-serve`` in a subprocess on a free port; its stderr (JSON logs) goes to ``log_path``."""
+    """``capsa-serve`` in a subprocess on a free port; its stderr (JSON logs) goes to ``log_path``.
+
+    The server may run the code in `TEST_ALLOWED_MODULES` unless ``env`` sets ``CAPSA_ALLOWED_MODULES``.
+    """
 
     def __init__(self, root: Path | None, log_path: Path, *, env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:
@@ -98,7 +105,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                    "CAPSA_DEVICES": "cpu", "CAPSA_LOG_LEVEL": "info", **(env or {})}
+                    "CAPSA_DEVICES": "cpu", "CAPSA_LOG_LEVEL": "info", "CAPSA_ALLOWED_MODULES": TEST_ALLOWED_MODULES,
+                    **(env or {})}
         cmd = [*serve_command(), "--port", str(self.port), *(args or [])]
         if root is not None:
             cmd += ["--model-repository", str(root)]
