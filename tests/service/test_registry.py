@@ -226,6 +226,28 @@ def test_index_contains_failures(tmp_path: Path, root: Path) -> None:
     assert {s.name for s in index} == {"good", "badconfig", "mixed", "empty"}
 
 
+def test_fingerprint_changes_with_what_serving_depends_on(tmp_path: Path, root: Path) -> None:
+    """Polling reloads a model only when its fingerprint changes: complete versions and config.json count."""
+    bundle = raw_bundle(tmp_path / "b")
+    publish(bundle, str(root), "m", 1)
+    registry = Registry(str(root))
+    first = registry.fingerprint("m")
+    assert registry.fingerprint("m") == first
+    (root / "m" / ".tmp-stray").mkdir()  # a publish in progress
+    (root / "m" / "2").mkdir()  # a version without capsa.json does not exist yet
+    (root / "m" / "2" / "model.safetensors").write_bytes(b"partial")
+    assert registry.fingerprint("m") == first
+    publish(bundle, str(root), "m", 3)
+    second = registry.fingerprint("m")
+    assert second != first
+    (root / "m" / "config.json").write_text('{"max_batch_size": 4}')
+    third = registry.fingerprint("m")
+    assert third != second
+    (root / "m" / "3" / "model.safetensors").write_bytes(b"x" * 3)  # a file replaced
+    assert registry.fingerprint("m") != third
+    assert registry.fingerprint("absent") == Registry(str(root)).fingerprint("other-absent")
+
+
 def test_fetch_missing_version(tmp_path: Path, root: Path) -> None:
     publish(raw_bundle(tmp_path / "b"), str(root), "m")
     registry = Registry(str(root))
