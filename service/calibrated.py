@@ -24,12 +24,26 @@ from typing import Any
 import numpy as np
 
 from capsa.calibration import Calibration, CalibrationError
-from capsa.manifest import CALIBRATION_FILE
+from capsa.manifest import CALIBRATION_FILE, BundleError, _BundleDir
+from service.protocol import ProtocolError
 
-__all__ = ["DRIFT_LEVEL", "DriftMonitor", "ServedCalibration", "flag_by_percentile"]
+__all__ = [
+    "CALIBRATED_OUTPUTS",
+    "DRIFT_LEVEL",
+    "PERCENTILE_BUCKETS",
+    "DriftMonitor",
+    "ServedCalibration",
+    "check_calibrated_output",
+    "flag_by_percentile",
+    "percentile_threshold",
+]
 
 #: Drift compares the share of samples above this percentile with what normal data gives (1 - DRIFT_LEVEL).
 DRIFT_LEVEL = 0.9
+#: Every output a calibrated bundle may add (which ones depends on its task).
+CALIBRATED_OUTPUTS = ("risk_percentile", "interval_lower", "interval_upper", "probabilities", "prediction_set")
+#: Buckets of the ``capsa_risk_percentile`` histogram: uniform in deciles, finer in the tail operators flag.
+PERCENTILE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
 class ServedCalibration:
@@ -41,6 +55,24 @@ class ServedCalibration:
         extra = ("interval_lower", "interval_upper") if self.task == "regression" else (
             "probabilities", "prediction_set")
         self.outputs: tuple[str, ...] = ("risk_percentile", *extra)
+        self._histogram: Any = None
+        self._gauge: Any = None
+        self.drift: DriftMonitor | None = None
+
+    def bind_metrics(self, histogram: Any, gauge: Any, window: int) -> None:
+        """Export served percentiles to ``histogram`` and the drift statistic (over ``window`` samples) to
+        ``gauge`` (the version's children of ``capsa_risk_percentile`` and ``capsa_risk_drift``)."""
+        self._histogram, self._gauge = histogram, gauge
+        self.drift = DriftMonitor(window)
+        gauge.set(0.0)
+
+    def observe(self, percentile: np.ndarray) -> None:
+        """Record a request's served percentiles (histogram and drift window)."""
+        if self._histogram is not None:
+            for value in percentile[np.isfinite(percentile)].tolist():
+                self._histogram.observe(value)
+        if self.drift is not None:
+            self._gauge.set(self.drift.add(percentile))
 
     @classmethod
     def load(cls, path: Path, meta: dict[str, Any]) -> ServedCalibration | None:
@@ -51,10 +83,11 @@ class ServedCalibration:
         record = meta.get("calibration")
         if record is None:
             return None
-        try:
-            data = (path / CALIBRATION_FILE).read_bytes()
-        except OSError as exc:
-            raise CalibrationError(f"{path}: cannot read {CALIBRATION_FILE}: {exc}") from None
+        try:  # a regular file inside the bundle only: a symlink is refused, not followed (no digest oracle)
+            with _BundleDir(path) as bundle:
+                data = bundle.read(CALIBRATION_FILE)
+        except BundleError as exc:
+            raise CalibrationError(str(exc)) from None
         calibration = Calibration.from_parts(record, data, source=str(path))
         if calibration.weights_sha256 != meta.get("weights_sha256"):
             raise CalibrationError(
@@ -107,6 +140,42 @@ def flag_by_percentile(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise ValueError(f"risk_percentile_threshold must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
+
+
+def _not_calibrated(where: str, what: str) -> ProtocolError:
+    return ProtocolError(f"{where} is not calibrated: {what} needs a calibrated bundle (capsa calibrate, or "
+                         "capsa.save_bundle(..., calibration=capsa.calibrate(...)))")
+
+
+def percentile_threshold(calibration: ServedCalibration | None, configured: float | None,
+                         parameters: dict[str, Any] | None, where: str) -> float | None:
+    """The percentile above which samples are flagged: the request's ``risk_percentile_threshold``, else the
+    model's configured one unless the request sets an absolute ``risk_threshold`` (which then applies alone)."""
+    parameters = parameters or {}
+    if "risk_percentile_threshold" in parameters:
+        if "risk_threshold" in parameters:
+            raise ProtocolError("parameters: give risk_threshold or risk_percentile_threshold, not both")
+        try:
+            value = flag_by_percentile(parameters["risk_percentile_threshold"])
+        except ValueError as exc:
+            raise ProtocolError(f"parameters.{exc}") from None
+        if calibration is None:
+            raise _not_calibrated(where, "parameters.risk_percentile_threshold")
+        return value
+    if "risk_threshold" in parameters:
+        return None
+    return configured
+
+
+def check_calibrated_output(calibration: ServedCalibration | None, name: str, where: str,
+                            base: tuple[str, ...]) -> None:
+    """Refuse (400) an output name this version does not serve, naming what it serves."""
+    if calibration is not None and name in calibration.outputs:
+        return
+    if calibration is None and name in CALIBRATED_OUTPUTS:
+        raise _not_calibrated(where, f"output '{name}'")
+    served = list(base) + list(calibration.outputs if calibration is not None else ())
+    raise ProtocolError(f"output '{name}' does not exist; outputs are {served}")
 
 
 class DriftMonitor:
