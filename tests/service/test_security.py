@@ -7,6 +7,7 @@ imported or run, and name the setting that would allow the module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -161,3 +162,18 @@ def test_server_runs_no_code_the_operator_did_not_allow(tmp_path: Path) -> None:
     log = proc.log()
     assert "defined in 'subprocess'" in log or "defined in 'subprocess'" in reasons["reexport"], reasons["reexport"]
     shutil.rmtree(work)
+
+
+def test_calibration_file_symlink_is_refused(tmp_path: Path) -> None:
+    """The served calibration is read like every bundle file: a symlink is refused, and no digest of its target
+    appears in the error."""
+    from service.calibrated import CalibrationError, ServedCalibration
+
+    secret = tmp_path / "secret"
+    secret.write_text("not for publishers")
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "calibration.safetensors").symlink_to(secret)
+    with pytest.raises(CalibrationError, match=r"calibration\.safetensors is a symbolic link") as info:
+        ServedCalibration.load(bundle, {"calibration": {"format": 1}})
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in str(info.value)
