@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="allowed_modules",
         action="append",
         metavar="PREFIX",
-        help="refuse architectures outside this dotted module prefix (repeatable; default: allow all)",
+        help="allow only this module prefix or module:factory (repeatable; default: any module outside the "
+        "standard library, bundle-local code included)",
     )
     p.set_defaults(run=_cmd_verify)
 
@@ -225,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
     p.add_argument(
         "--allowed-module", dest="allowed_modules", action="append", metavar="PREFIX",
-        help="refuse architectures outside this dotted module prefix (repeatable; default: allow all)",
+        help="allow only this module prefix or module:factory (repeatable; default: any module outside the "
+        "standard library, bundle-local code included)",
     )
     p.set_defaults(run=_cmd_calibrate)
     return parser
