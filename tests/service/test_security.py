@@ -144,6 +144,7 @@ def test_server_runs_no_code_the_operator_did_not_allow(tmp_path: Path) -> None:
         proc.wait_ready(path="/v2/models/good/ready")  # the attacks never become ready
         body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, IN_FEATURES], "data": [0.1] * 4}]}
         assert httpx.post(f"{proc.url}/v2/models/good/infer", json=body, timeout=30).status_code == 200
+        refused = {name: httpx.post(f"{proc.url}/v2/models/{name}/infer", json=body, timeout=30) for name in markers}
         deadline = time.monotonic() + 120
         while True:  # the worker's refusal (reexport) arrives asynchronously: wait for every reason, with a deadline
             index = httpx.post(f"{proc.url}/v2/repository/index", timeout=30,
@@ -155,6 +156,10 @@ def test_server_runs_no_code_the_operator_did_not_allow(tmp_path: Path) -> None:
     finally:
         assert proc.stop() == 0
     assert set(reasons) == set(markers), index
+    for name, answer in refused.items():  # unauthenticated clients learn that the model is unavailable, not why
+        assert answer.status_code in (404, 503), (name, answer.text)
+        assert not any(word in answer.text for word in ("subprocess", "CAPSA_ALLOWED", "os.system", str(root))), (
+            name, answer.text)
     for name in ("popen", "system", "local"):
         assert "outside CAPSA_ALLOWED_MODULES ['tests.fixtures']" in reasons[name], reasons[name]
     assert "attribute path" in reasons["walk"]
