@@ -64,11 +64,14 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="capsa-serve" \
       org.opencontainers.image.description="Risk-aware PyTorch model server (KServe V2 protocol)" \
       org.opencontainers.image.licenses="Apache-2.0"
-# A fixed, high UID/GID (Kubernetes' runAsUser refers to it by number).
+# A fixed, high UID/GID (Kubernetes' runAsUser refers to it by number). The cache is sticky and world-writable like
+# /tmp: `docker run --tmpfs /var/cache/capsa` copies this mode onto the tmpfs but makes it owned by root, and the
+# server (any UID) must still be able to write there.
 RUN groupadd --system --gid 10001 capsa \
     && useradd --system --uid 10001 --gid capsa --home-dir /home/capsa --create-home --shell /usr/sbin/nologin capsa \
     && mkdir -p /models /var/cache/capsa \
-    && chown capsa:capsa /models /var/cache/capsa
+    && chown capsa:capsa /models /var/cache/capsa \
+    && chmod 1777 /var/cache/capsa
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -109,7 +109,6 @@ def k8s_run_options(overlay: str = "cpu") -> tuple[list[str], dict[str, str]]:
         options += ["--security-opt", "no-new-privileges"]
     options += ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    group = pod.get("securityContext", {}).get("fsGroup", security["runAsGroup"])
     for mount in container.get("volumeMounts", []):
         empty_dir = volumes[mount["name"]].get("emptyDir")
         assert empty_dir is not None, f"volume {mount['name']} is not an emptyDir: extend this helper"
@@ -117,9 +116,8 @@ def k8s_run_options(overlay: str = "cpu") -> tuple[list[str], dict[str, str]]:
         if mount["mountPath"] == "/dev/shm":
             options += ["--shm-size", str(size)]
         else:
-            # An emptyDir is writable by the pod's fsGroup, like this tmpfs.
-            options += ["--tmpfs", f"{mount['mountPath']}:rw,exec,nosuid,nodev,size={size},mode=1770,uid=0,"
-                                   f"gid={group}"]
+            # Kubernetes creates an emptyDir with mode 0777 (and group-owned by fsGroup): so is this tmpfs.
+            options += ["--tmpfs", f"{mount['mountPath']}:rw,exec,nosuid,nodev,size={size},mode=0777"]
     env = {k: str(v) for k, v in configmap["data"].items() if k.startswith("CAPSA_")}
     assert env, "the ConfigMap has no CAPSA_* settings"
     return options, env
