@@ -52,6 +52,11 @@ def test_setting_is_parsed_and_bad_entries_are_named(monkeypatch: pytest.MonkeyP
     with pytest.raises(ValidationError, match=r"CAPSA_ALLOWED_MODULES: 'acme\.\.x' is not a dotted module name"):
         Settings()
     assert Settings(allowed_modules="").allowed_module_list() == []  # explicitly nothing
+    from service.cli import parse_args
+
+    assert Settings(**parse_args(["--allowed-modules", "acme,architecture"])).allowed_module_list() == [
+        "acme", "architecture"
+    ]
 
 
 def test_config_json_narrows_and_never_widens(tmp_path: Path) -> None:
