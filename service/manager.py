@@ -379,6 +379,7 @@ class ModelManager:
         self._fingerprints: dict[str, str] = {}  # what the registry held when each model was last (un)loaded
         self._unloaded: set[str] = set()  # unloaded through the API: polling leaves them alone until they change
         self._poller: asyncio.Task | None = None
+        self._warned_empty = False
         self.started = False
         metrics.before_render(self._export_states)
 
@@ -496,6 +497,7 @@ class ModelManager:
         if not names:
             log.warning("no model in the model repository: the server is not ready until one is loaded",
                         extra={"root": self.settings.model_repository})
+            self._warned_empty = True
         prints: dict[str, str] = {}
         if self.settings.repository_poll_s:  # what is loaded now, so the first poll reloads nothing unchanged
             with contextlib.suppress(Exception):
@@ -679,22 +681,23 @@ class ModelManager:
             registry = self.registry()
             return {name: registry.fingerprint(name) for name in registry.model_names()}
 
-        try:
-            return await asyncio.to_thread(read)
-        except Exception as exc:
-            log.error("cannot read the model repository", extra={"error": f"{type(exc).__name__}: {exc}"})
-            raise
+        return await asyncio.to_thread(read)
 
     async def poll(self) -> None:
         """Reconcile once with the registry: load new and changed models (warm before they take traffic), unload
         the removed ones (after their requests finish). Unchanged models, and failed ones, are left alone."""
         prints = await self._read_fingerprints()
+        if not prints:  # logged once; with models loaded, more likely an outage than every model removed at once
+            if not self._warned_empty:
+                log.warning("no model in the model repository" + ("; keeping the loaded ones" if self.models else ""),
+                            extra={"root": self.settings.model_repository})
+            self._warned_empty = True
+            return
+        self._warned_empty = False
         for name, fingerprint in prints.items():
             if self._fingerprints.get(name) == fingerprint:
                 continue
             self._fingerprints[name] = fingerprint
-            if name in self._unloaded and name not in self.models:
-                self._unloaded.discard(name)
             log.info("model changed in the repository; loading it", extra={"model": name})
             try:
                 await self.load(name)
@@ -706,16 +709,23 @@ class ModelManager:
             log.info("model removed from the repository; unloading it", extra={"model": name})
             self._fingerprints.pop(name, None)
             await self.unload(name, polled=True)
-        if not prints and not self.models:
-            log.warning("no model in the model repository", extra={"root": self.settings.model_repository})
 
     async def _poll_forever(self, interval_s: float) -> None:
+        failing = ""  # the last polling error, logged once (not every interval) until polling works again
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.poll()
             except Exception as exc:  # a registry outage: keep serving what is loaded, try again later
-                log.error("polling the model repository failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                error = f"{type(exc).__name__}: {exc}"
+                if error != failing:
+                    log.error("polling the model repository failed; serving what is loaded",
+                              extra={"error": error})
+                failing = error
+            else:
+                if failing:
+                    log.info("polling the model repository works again")
+                failing = ""
 
     async def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """The repository index: every version in the registry and every served one, with its state."""

@@ -2,7 +2,8 @@
 
 While a load generator sends requests: version 2 is published and served with zero failed requests (loaded and
 warmed before it takes traffic, version 1 retired after its requests finish); then a corrupt version 3 is rejected,
-reported, and version 2 keeps serving; then a changed ``config.json`` is applied.
+reported, and version 2 keeps serving; then a changed ``config.json`` is applied; then another model removed from the
+registry is unloaded.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class Store:
             for f in files:
                 self.fs.put_file(str(f), f"{self.base}/{name}/{version}/{f.name}")
 
+    def remove(self, name: str) -> None:
+        if self.options is None:
+            shutil.rmtree(Path(self.root) / name)
+        else:
+            self.fs.rm(f"{self.base}/{name}", recursive=True)
+
     def write_config(self, name: str, config: dict[str, Any]) -> None:
         data = json.dumps(config).encode()
         if self.options is None:
@@ -142,6 +149,7 @@ def test_polling_serves_new_versions_without_failing_requests(where: str, tmp_pa
     # from the verified download of version 2
     bundles = {v: build_bundle(tmp_path / f"m-{v}", "vote", seed=v) for v in (1, 2, 3)}
     store.publish(bundles[1], "m", 1)
+    store.publish(bundles[1], "other", 1)
     proc = ServerProcess(None, tmp_path / "server.log", env=env, args=["--model-repository", store.root])
     try:
         proc.wait_ready()
@@ -167,6 +175,13 @@ def test_polling_serves_new_versions_without_failing_requests(where: str, tmp_pa
             store.write_config("m", {"risk_threshold": 0.0, "version_policy": {"specific": {"versions": [2]}}})
             load.wait_for(lambda r: r[2] and r[1] == "2", 180, "the new config to be applied")
             load.wait_for(lambda r: r[2], 10, "the new config to stay")
+
+            # a model removed from the registry is unloaded; the others are not affected
+            assert httpx.get(f"{proc.url}/v2/models/other/ready", timeout=10).status_code == 200
+            store.remove("other")
+            wait_until(lambda: httpx.get(f"{proc.url}/v2/models/other/ready", timeout=10).status_code == 404, 120,
+                       "other to be unloaded")
+            load.wait_for(lambda r: r[1] == "2", 60, "m still serving")
         statuses = [r[0] for r in load.results]
         assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
         assert {r[1] for r in load.results} == {"1", "2"}
