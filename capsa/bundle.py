@@ -129,7 +129,10 @@ def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     with _BundleDir(path) as bundle:
         manifest = parse_manifest(bundle.read(MANIFEST_FILE), source=bundle.source)
         info: dict[str, Any] = {"path": bundle.source, **manifest.model_dump(mode="json")}
-        info["architecture_file"] = bool(bundle.read(ARCHITECTURE_FILE, required=False))
+        try:  # a symlink or other non-regular file is not the bundle's code (load_bundle refuses it)
+            info["architecture_file"] = bool(bundle.read(ARCHITECTURE_FILE, required=False))
+        except BundleError:
+            info["architecture_file"] = False
         info["parameters"] = info["tensors"] = None
         try:
             weights = bundle.read(WEIGHTS_FILE)

@@ -260,6 +260,7 @@ def test_symlinked_architecture_file_is_refused(good: Path, tmp_path: Path) -> N
     (path / "architecture.py").symlink_to(code)
     with pytest.raises(BundleError, match=r"architecture\.py is a symbolic link"):
         load_bundle(path, allowed_modules=["architecture", "tests.fixtures"])
+    assert inspect_bundle(path)["architecture_file"] is False  # inspect still answers (it runs no code)
 
 
 def test_a_fifo_is_refused_without_blocking(good: Path, tmp_path: Path) -> None:
