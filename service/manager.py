@@ -1,10 +1,11 @@
 """Which model versions are served: loading from the registry, worker pools, restarts, readiness, unloading.
 
-A :class:`ModelVersion` owns a :class:`~service.batching.Batcher` and ``instances`` worker processes per device.
-A worker that dies is restarted with exponential backoff while its batch is retried once elsewhere or failed with
-503. :class:`ModelManager` maps model names to their served versions and reconciles them with the registry on
-``load``; swapping versions happens only once the new ones are warm, so loading or unloading one model never drops
-requests to another.
+A :class:`ModelVersion` owns a :class:`~service.batching.Batcher` and ``instances`` worker processes per device,
+supervised per slot: a worker that dies is restarted alone with exponential backoff (its batch is retried once
+elsewhere or failed with 503), and a version that cannot start is failed with a reason instead of restarting forever.
+:class:`ModelManager` maps model names to their served versions and reconciles them with the registry on ``load``
+and, with ``repository_poll_s``, by polling; swapping versions happens only once the new ones are warm, so loading or
+unloading one model never drops requests to another. It also owns the readiness policy and the state metrics.
 """
 
 from __future__ import annotations
