@@ -282,6 +282,35 @@ def test_a_stuck_worker_makes_readiness_say_so_until_replaced(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
+def test_a_stopped_worker_makes_readiness_say_stuck_until_replaced(tmp_path: Path) -> None:
+    """End to end with the transport's stall detection: SIGSTOP the only worker of a model whose replacement hangs
+    while loading (a marker file); readiness names the stuck model until the replacement is ready."""
+    root, work, hang = tmp_path / "registry", tmp_path / "bundles", tmp_path / "hang"
+    crashy_model(root, work, "m", hang_if=str(hang))
+    proc = ServerProcess(root, tmp_path / "server.log", env={**ENV, "CAPSA_REQUEST_TIMEOUT_S": "2"})
+    try:
+        proc.wait_ready()
+        (pid,) = proc.worker_pids("m-1-")
+        hang.touch()  # the replacement will wait in its load until the marker is gone
+        os.kill(pid, signal.SIGSTOP)
+        assert infer(proc.url, "m", rows(1)).status_code == 504
+
+        def stuck() -> bool:
+            r = httpx.get(f"{proc.url}/v2/health/ready", timeout=10)
+            return r.status_code == 503 and r.json().get("models") == [
+                {"name": "m", "version": "1", "reason": "a worker is stuck; replacing it"}]
+
+        wait_until(stuck, 60, "readiness to report the stuck worker")
+        hang.unlink()
+        wait_until(lambda: httpx.get(f"{proc.url}/v2/health/ready", timeout=10).status_code == 200, 120,
+                   "the replacement")
+        assert infer(proc.url, "m", rows(1)).status_code == 200
+    finally:
+        hang.unlink(missing_ok=True)
+        assert proc.stop() == 0  # stops (SIGKILLs if need be) its workers, the stopped one included
+
+
 # ---------------------------------------------------------------------------------------------- empty registry
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
