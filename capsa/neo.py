@@ -56,7 +56,8 @@ class NeoModel(WrappedModel):
                 "mean": nn.Parameter(torch.zeros(width, **like), requires_grad=False),
                 "var": nn.Parameter(torch.ones(width, **like), requires_grad=False),
             })
-        total, latent = sum(widths.values()), self.wrapper.latent_dim
+        total = sum(widths.values())
+        latent = self.wrapper.latent_dim or max(1, total // 2)
         encoder = fresh_copies(nn.Linear(total, latent, **like), 1)
         decoder = fresh_copies(nn.Linear(latent, total, **like), 1)
         self.capsa.statistics = nn.ModuleDict(stats)
@@ -145,7 +146,8 @@ class Wrapper(_wrapper.Wrapper):
     """Novelty risk: reconstruction error of the model's hidden representations under a learned signature.
 
     Args:
-        latent_dim: width of the autoencoder's bottleneck (default 16).
+        latent_dim: width of the autoencoder's bottleneck (default None: half the signature's width; a fixed 16
+            made the novelty ranking depend on which classes were held out).
         momentum: weight of each training batch in the running feature statistics, after a cumulative warm-up
             (default 0.01).
         task: ``"regression"`` or ``"classification"``; the risk is the same per-sample novelty either way, and
@@ -156,6 +158,6 @@ class Wrapper(_wrapper.Wrapper):
     wrapped_class = NeoModel
     risk_kind = "novelty"
 
-    latent_dim: int = Field(16, ge=1)
+    latent_dim: int | None = Field(None, ge=1)
     momentum: float = Field(0.01, gt=0.0, le=1.0)
     task: Task = "regression"

@@ -89,6 +89,10 @@ class Wrapper(_wrapper.Wrapper):
     min_scale: float = Field(1e-6, ge=0.0)
     task: Literal["regression"] = "regression"
 
+    def __init__(self, distribution: Any = Normal, /, **data: Any) -> None:
+        """``sculpt.Wrapper(sculpt.Normal)`` as in capsa-torch: the distribution may come first, positionally."""
+        super().__init__(distribution=data.pop("distribution", distribution), **data)
+
     @field_validator("task", mode="before")
     @classmethod
     def _regression_only(cls, value: Any) -> Any:

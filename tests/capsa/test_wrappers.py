@@ -225,6 +225,16 @@ def test_spec_round_trip(kind: str) -> None:
     assert type(again) is type(wrapper) and again.to_spec() == spec
 
 
+def test_capsa_torch_call_forms() -> None:
+    """capsa-torch's documented call forms build the same wrappers here."""
+    assert sculpt.Wrapper(sculpt.Normal) == sculpt.Wrapper() == sculpt.Wrapper(distribution=sculpt.Normal)
+    assert vote.Wrapper(n_voters=3).n_voters == 3
+    made = sample.Wrapper(n_samples=6, distribution=sample.Bernoulli(0.2))
+    assert made.n_samples == 6 and made.distribution == sample.Bernoulli(p=0.2)
+    with pytest.raises(ValueError, match="unknown distribution"):
+        sculpt.Wrapper("Cauchy")
+
+
 def test_every_constructor_parameter_is_in_the_spec(kind: str) -> None:
     wrapper = WRAPPERS[kind]()
     assert set(type(wrapper).model_fields) - {"inner"} == set(wrapper.to_spec()) - {"wrapper", "version"}
