@@ -72,6 +72,17 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("cannot read the model repository", extra={"root": settings.model_repository,
                                                                   "error": str(exc)})
             raise
+        if settings.grpc_port:
+            from service.grpc.server import GrpcServer
+
+            app.state.grpc = GrpcServer(app.state)
+            try:
+                await app.state.grpc.start()
+            except Exception as exc:
+                log.error("cannot listen (gRPC)", extra={"host": settings.host, "port": settings.grpc_port,
+                                                         "error": str(exc)})
+                await manager.close()
+                raise
         startup = asyncio.get_running_loop().create_task(manager.start(names))
         log.info("server starting", extra={"model_repository": settings.model_repository,
                                            "devices": manager.devices})
@@ -81,6 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
             startup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await startup
+            if app.state.grpc is not None:
+                await app.state.grpc.stop()
             await manager.close()
             log.info("workers stopped")
             if app.state.access_log is not None:
@@ -97,6 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_offline_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.grpc = None  # the gRPC server (service.grpc.server), started by the lifespan unless CAPSA_GRPC_PORT=0
     app.state.access_log = AccessLog() if settings.access_log else None
     for router in (health.router, v2.router, v1.router, repository.router):
         app.include_router(router)

@@ -41,13 +41,15 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     """Command-line options, as Settings overrides (only those given; the rest come from CAPSA_* variables)."""
     parser = argparse.ArgumentParser(
         prog="capsa-serve",
-        description="Serve capsa model bundles from a registry over KServe V2 REST, with per-sample risk. "
+        description="Serve capsa model bundles from a registry over KServe V2 REST and gRPC, with per-sample risk. "
                     "Every option is also an environment variable CAPSA_<OPTION> (e.g. CAPSA_MODEL_REPOSITORY).",
         epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-repository", help="registry root: a directory or an fsspec URL (s3://...)")
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--grpc-port", type=int,
+                        help="gRPC port (KServe V2 GRPCInferenceService; default 8001; 0: off)")
     parser.add_argument("--devices", help='"auto" (default), "cpu", or "cuda:0,cuda:1"')
     parser.add_argument("--workers-per-device", type=int, help="override every model's instances")
     parser.add_argument("--log-level", help="critical, error, warning, info (default) or debug")

@@ -226,6 +226,8 @@ class EdgeServer(uvicorn.Server):
         connections = self.server_state.connections
         log.info("shutting down", extra={"connections": len(connections), "grace_s": self.shutdown_grace_s})
         self.limits.draining = True
+        grpc_server = getattr(getattr(self.config.app, "state", None), "grpc", None)
+        grpc_stopped = grpc_server.stop() if grpc_server is not None else None  # gRPC drains alongside HTTP
         for server in self.servers:
             server.close()
         for sock in sockets or []:
@@ -242,6 +244,8 @@ class EdgeServer(uvicorn.Server):
                    and any(isinstance(c, EdgeProtocol) and c.idle() for c in connections)):
                 await asyncio.sleep(0.05)
             await super().shutdown(sockets)
+            if grpc_stopped is not None:
+                await grpc_stopped
         finally:
             sweeper.cancel()
 

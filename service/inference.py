@@ -6,6 +6,7 @@ the FastAPI routes and the pure-ASGI fast path of :mod:`service.fastpath`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import SecretStr
 
 from service.batching import ModelError, ServeError
 from service.errors import ApiError
 from service.manager import ModelManager, ModelVersion, NotFound
 from service.protocol import (
+    InferRequest,
     ProtocolError,
     check_input,
     check_signature,
@@ -35,15 +38,28 @@ log = logging.getLogger("capsa.serve")
 OUTPUT_NAMES = ("prediction", "risk", "risk_score", "flagged")
 
 
-def check_infer_token(settings: Settings, authorization: str | None) -> None:
-    """When CAPSA_INFER_TOKEN is set, require ``Authorization: Bearer <it>`` (else 401)."""
-    token = settings.infer_token
-    if token is None:
-        return
+def _bearer_matches(authorization: str | None, token: SecretStr) -> bool:
     scheme, _, value = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                             token.get_secret_value().encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              token.get_secret_value().encode())
+
+
+def check_infer_token(settings: Settings, authorization: str | None) -> None:
+    """When CAPSA_INFER_TOKEN is set, require ``Authorization: Bearer <it>`` (else 401). ``authorization`` is the
+    HTTP header or the gRPC ``authorization`` metadata."""
+    token = settings.infer_token
+    if token is not None and not _bearer_matches(authorization, token):
         raise ApiError(401, "a valid 'Authorization: Bearer <inference token>' header is required",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def check_admin_token(settings: Settings, authorization: str | None) -> None:
+    """The repository routes and RPCs: 403 when no CAPSA_ADMIN_TOKEN is configured, 401 when the bearer token is
+    missing or wrong."""
+    if settings.admin_token is None:
+        raise ApiError(403, "the repository routes are disabled: no admin token is configured (CAPSA_ADMIN_TOKEN)")
+    if not _bearer_matches(authorization, settings.admin_token):
+        raise ApiError(401, "a valid 'Authorization: Bearer <admin token>' header is required",
                        {"WWW-Authenticate": "Bearer"})
 
 
@@ -113,15 +129,25 @@ def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray
 
 
 async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, threshold: float | None,
-               request_id: str, retry_after_s: int
+               request_id: str, retry_after_s: int, deadline_s: float | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Validate one input, run it through the batcher, return its own rows and record per-sample metrics."""
+    """Validate one input, run it through the batcher, return its own rows and record per-sample metrics.
+
+    ``deadline_s`` (the client's deadline, when it has one shorter than CAPSA_REQUEST_TIMEOUT_S): past it the
+    request is dropped from the queue and answered 504 / DEADLINE_EXCEEDED."""
     if mv.state == "UNAVAILABLE":
         raise _unavailable(mv, request_id, retry_after_s)
     check_input(name, datatype, array, mv.input.datatype, mv.input.shape,
                 max_batch_size=mv.max_batch_size, allow_non_finite=mv.allow_non_finite)
     try:
-        pred, risk, score = await mv.batcher.submit(array)
+        future = mv.batcher.submit(array)
+        if deadline_s is None:
+            pred, risk, score = await future
+        else:
+            pred, risk, score = await asyncio.wait_for(future, deadline_s)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise ApiError(504, f"model '{mv.name}' version {mv.version}: the request's own deadline "
+                            f"({deadline_s:g} s) passed before the model answered") from None
     except ModelError as exc:
         log.error("the model failed on a request", extra={
             "request_id": request_id, "model": mv.name, "version": mv.version, "error": str(exc)})
@@ -147,13 +173,8 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
 async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes,
                    header_length: str | None) -> tuple[bytes, int | None]:
     """Serve a V2 infer request body for ``mv`` (see :func:`lookup`); returns the response body and its JSON
-    header length (binary outputs).
-
-    Everything cheap is checked before the tensor data is decoded: the requested outputs, the threshold, the
-    input's name, datatype, shape and batch size. ``ctx["request_id"]`` is set to the request's ``id`` when it has
-    one (for the access log).
-    """
-    with _accounted(mv):
+    header length (binary outputs). The REST adapter of :func:`infer`."""
+    with accounted(mv):
         try:
             length = int(header_length) if header_length is not None else None
         except ValueError:
@@ -162,35 +183,48 @@ async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], bo
             raise ApiError(413, f"the JSON header exceeds the limit of {json_body_limit(settings)} bytes "
                                 "(CAPSA_MAX_JSON_REQUEST_BYTES)")
         req = parse_infer_request(body, length)
-        if req.id is not None:
-            ctx["request_id"] = req.id
-        if len(req.inputs) != 1 or mv.input.name not in req.inputs:
-            raise ProtocolError(
-                f"model '{mv.name}' takes one input named '{mv.input.name}', the request has {sorted(req.inputs)}"
-            )
-        threshold = risk_threshold(mv, req.parameters)
-        if req.outputs is None:
-            wanted = [(n, req.binary_output) for n in OUTPUT_NAMES[: 4 if threshold is not None else 3]]
-        else:
-            wanted = [(o.name, o.binary) for o in req.outputs]
-            for out_name, _ in wanted:
-                if out_name not in OUTPUT_NAMES:
-                    raise ProtocolError(f"output '{out_name}' does not exist; outputs are {list(OUTPUT_NAMES)}")
-                if out_name == "flagged" and threshold is None:
-                    raise ProtocolError("output 'flagged' needs parameters.risk_threshold (the model sets none)")
-        tensor = req.inputs[mv.input.name]
-        check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
-                        max_batch_size=mv.max_batch_size)
-        pred, risk, score, flagged = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
-                                                ctx["request_id"], settings.retry_after_s)
-        tensors = {"prediction": pred, "risk": risk, "risk_score": score, "flagged": flagged}
-        return encode_infer_response(mv.name, mv.version_str, req.id,
-                                     [(n, tensors[n], binary) for n, binary in wanted])
+        outputs = await infer(mv, settings, ctx, req)
+        return encode_infer_response(mv.name, mv.version_str, req.id, outputs)
+
+
+async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: InferRequest,
+                deadline_s: float | None = None) -> list[tuple[str, np.ndarray, bool]]:
+    """The protocol-neutral inference path: a parsed request in (from REST or gRPC), ``(name, array, binary)``
+    outputs out, in the order the request asked for (all outputs when it named none).
+
+    Everything cheap is checked before the tensor data is decoded: the requested outputs, the threshold, the
+    input's name, datatype, shape and batch size. ``ctx["request_id"]`` is set to the request's ``id`` when it has
+    one (for the access log). ``deadline_s``: the client's own deadline (gRPC), when shorter than the server's.
+    Call it inside :func:`accounted`.
+    """
+    if req.id is not None:
+        ctx["request_id"] = req.id
+    if len(req.inputs) != 1 or mv.input.name not in req.inputs:
+        raise ProtocolError(
+            f"model '{mv.name}' takes one input named '{mv.input.name}', the request has {sorted(req.inputs)}"
+        )
+    threshold = risk_threshold(mv, req.parameters)
+    if req.outputs is None:
+        wanted = [(n, req.binary_output) for n in OUTPUT_NAMES[: 4 if threshold is not None else 3]]
+    else:
+        wanted = [(o.name, o.binary) for o in req.outputs]
+        for out_name, _ in wanted:
+            if out_name not in OUTPUT_NAMES:
+                raise ProtocolError(f"output '{out_name}' does not exist; outputs are {list(OUTPUT_NAMES)}")
+            if out_name == "flagged" and threshold is None:
+                raise ProtocolError("output 'flagged' needs parameters.risk_threshold (the model sets none)")
+    tensor = req.inputs[mv.input.name]
+    check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
+                    max_batch_size=mv.max_batch_size)
+    pred, risk, score, flagged = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
+                                            ctx["request_id"], settings.retry_after_s, deadline_s)
+    tensors = {"prediction": pred, "risk": risk, "risk_score": score, "flagged": flagged}
+    return [(n, tensors[n], binary) for n, binary in wanted]  # flagged is None only when not wanted
 
 
 async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:
     """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``."""
-    with _accounted(mv):
+    with accounted(mv):
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -216,7 +250,7 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
 
 
 @contextlib.contextmanager
-def _accounted(mv: ModelVersion) -> Iterator[None]:
+def accounted(mv: ModelVersion) -> Iterator[None]:
     """Count the request as a success or failure of its model version, time it, and answer 400 to bad input."""
     start = time.perf_counter()
     ok = False

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the KServe V2 gRPC service and grpc.health.v1, on the same host "
+                                          "(0: no gRPC)."
+    )
     devices: str = Field(
         "auto", description='"auto" (every visible CUDA device, else the CPU), "cpu", or "cuda:0,cuda:1".'
     )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import ApiError, body_too_large
-from service.inference import check_infer_token
+from service.errors import body_too_large
+from service.inference import check_admin_token, check_infer_token
 from service.manager import ModelManager
 from service.metrics import Metrics
 from service.settings import Settings
@@ -40,12 +39,7 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 async def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
     """Repository routes: 403 when no admin token is configured, 401 when the bearer token is missing or wrong."""
-    if settings.admin_token is None:
-        raise ApiError(403, "the repository routes are disabled: no admin token is configured (CAPSA_ADMIN_TOKEN)")
-    token = settings.admin_token.get_secret_value().encode()
-    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token):
-        raise ApiError(401, "a valid 'Authorization: Bearer <admin token>' header is required",
-                       {"WWW-Authenticate": "Bearer"})
+    check_admin_token(settings, f"Bearer {credentials.credentials}" if credentials is not None else None)
 
 
 async def require_infer_token(settings: SettingsDep, credentials: BearerDep) -> None:

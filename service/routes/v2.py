@@ -38,7 +38,8 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="capsa-serve", version=__version__, extensions=EXTENSIONS)
 
 
-def _metadata(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
+def model_metadata_of(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
+    """The metadata of a model version (REST and gRPC)."""
     pred = mv.prediction
     batch_only = [pred.shape[0] if pred.shape else -1]
     outputs = [
@@ -59,14 +60,14 @@ def _metadata(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
 async def model_metadata(model_name: str, manager: ManagerDep) -> ModelMetadata:
     """Inputs and outputs of the model's default (highest ready) version; ``flagged`` needs a risk threshold."""
-    return _metadata(manager, lookup(manager, model_name, None))
+    return model_metadata_of(manager, lookup(manager, model_name, None))
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}", response_model=ModelMetadata,
             responses=ERRORS, summary="Model version metadata")
 async def model_version_metadata(model_name: str, model_version: str, manager: ManagerDep) -> ModelMetadata:
     """Inputs and outputs of one model version."""
-    return _metadata(manager, lookup(manager, model_name, model_version))
+    return model_metadata_of(manager, lookup(manager, model_name, model_version))
 
 
 def _ready(mv: ModelVersion) -> Response:
