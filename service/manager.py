@@ -108,7 +108,8 @@ class ModelVersion:
     restarted alone, with exponential backoff, while the other slots keep serving. A version that never served
     fails (``UNAVAILABLE``, with the reason) at its first load error or after ``_MAX_START_ATTEMPTS`` workers of a
     slot died while loading (a crash loop); a version that has served keeps retrying its failed slots, so it comes
-    back on its own once the cause (say, a weights file briefly absent) is gone.
+    back on its own once the cause (say, a weights file briefly absent) is gone. A start past
+    ``worker_start_timeout_s`` counts as a load error.
     """
 
     def __init__(self, name: str, version: int, path: Path, config: Any, settings: Settings,
@@ -277,9 +278,10 @@ class ModelVersion:
             self._start_failed(slot, error, load_error=True)
             return
         timeout = self.settings.worker_start_timeout_s
-        why = (f"the worker did not become ready within {timeout:g}s" if lived >= timeout
-               else f"the worker exited with code {exitcode} while loading")
-        self._start_failed(slot, why, load_error=False)
+        if lived >= timeout:  # the operator's bound on a load: like a load error, not a crash to retry
+            self._start_failed(slot, f"the worker did not become ready within {timeout:g}s", load_error=True)
+            return
+        self._start_failed(slot, f"the worker exited with code {exitcode} while loading", load_error=False)
 
     def _start_failed(self, slot: tuple[str, int], why: str, *, load_error: bool) -> None:
         """A worker of ``slot`` failed before it was ready: fail the version or retry the slot."""
@@ -513,7 +515,7 @@ class ModelManager:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever(self.settings.repository_poll_s))
 
     def _settle_timeout_s(self) -> float:
-        """How long a new version may take to settle: every start attempt may run to the start timeout."""
+        """An upper bound on how long a new version takes to settle (it fails itself sooner: see ModelVersion)."""
         return _MAX_START_ATTEMPTS * (self.settings.worker_start_timeout_s + _BACKOFF_MAX_S)
 
     def _read(self, name: str) -> tuple[Any, list[tuple[int, Path]], dict[int, str]]:
