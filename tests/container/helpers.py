@@ -4,8 +4,8 @@ The engine and the image come from .ci/run (see .ci/container.sh), which exports
 engine's socket), ``CAPSA_IMAGE`` (the image it built from the unmodified Dockerfile) and ``CAPSA_DOCKER_CLI``.
 Without them the tests fail in CI (CI=true) and are skipped elsewhere, saying what to run.
 
-Containers use the host's network (the engine runs without a bridge), so each listens on a free port of
-127.0.0.1: ``CAPSA_HOST``/``CAPSA_PORT`` are the only settings overridden from the ConfigMap.
+Containers use the host's network (the engine runs without a bridge), so each listens on free ports of
+127.0.0.1: ``CAPSA_HOST``, ``CAPSA_PORT`` and ``CAPSA_GRPC_PORT`` are the only settings overridden from the ConfigMap.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ class Container:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
-        env = {**env, "CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(self.port)}
+        # The gRPC port too: on the host network a fixed default would collide with anything else on the machine.
+        env = {**env, "CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(self.port), "CAPSA_GRPC_PORT": str(free_port())}
         env_args = [item for key, value in sorted(env.items()) for item in ("-e", f"{key}={value}")]
         proc = docker("run", "--detach", "--name", self.name, "--network", "host", *options, *env_args, IMAGE,
                       *(args or []), timeout=120)

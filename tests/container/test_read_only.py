@@ -26,7 +26,8 @@ def test_demo_on_a_read_only_root() -> None:
 def test_nothing_writable_is_one_error_line() -> None:
     """A cache folder on the read-only root and no tmpfs: exit 1 with one line saying what to mount."""
     proc = docker("run", "--rm", "--network", "host", "--read-only", "--cap-drop", "ALL",
-                  "-e", "CAPSA_CACHE_DIR=/home/capsa/cache", "-e", "CAPSA_PORT=1", IMAGE, "--demo",
+                  "-e", "CAPSA_CACHE_DIR=/home/capsa/cache", "-e", "CAPSA_PORT=1", "-e", "CAPSA_GRPC_PORT=0", IMAGE,
+                  "--demo",
                   check=False, timeout=120)
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     plain = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("{")]
