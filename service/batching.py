@@ -218,6 +218,11 @@ class Batcher:
             offsets = [0]
             total = 0
             while self.queue:
+                if self.queue[0].future.done():  # cancelled by its caller (a gRPC deadline): never computed
+                    stale = self.queue.popleft()
+                    stale.queued = False
+                    self._finish(stale)
+                    continue
                 n = self.queue[0].array.shape[0]
                 if requests and total + n > self.max_batch_size:
                     break

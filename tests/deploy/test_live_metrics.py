@@ -38,7 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     assert executable, "the capsa-serve console script is not installed (pip install -e .)"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSA_")}
-    env.update({"CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(port), "CAPSA_DEVICES": "cpu",
+    env.update({"CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(port), "CAPSA_GRPC_PORT": str(_free_port()),
+                "CAPSA_DEVICES": "cpu",
                 "CAPSA_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "CAPSA_LOG_LEVEL": "warning",
                 "CAPSA_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
     log = tmp_path_factory.mktemp("log") / "capsa-serve.log"

@@ -103,10 +103,12 @@ class ServerProcess:
                  args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()  # every test server serves gRPC too, on its own port (not 8001)
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                     "CAPSA_DEVICES": "cpu", "CAPSA_LOG_LEVEL": "info", "CAPSA_ALLOWED_MODULES": TEST_ALLOWED_MODULES,
-                    **(env or {})}
+                    "CAPSA_GRPC_PORT": str(self.grpc_port), **(env or {})}
         cmd = [*serve_command(), "--port", str(self.port), *(args or [])]
         if root is not None:
             cmd += ["--model-repository", str(root)]

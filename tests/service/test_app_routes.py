@@ -31,7 +31,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("registry-inproc")
     add_model(root, tmp_path_factory.mktemp("bundles-inproc"), "m", "vote", config={"risk_threshold": 0.01})
     settings = Settings(model_repository=str(root), devices="cpu", infer_token="tok", max_request_bytes=4096,
-                        access_log=False, allowed_modules=TEST_ALLOWED_MODULES)
+                        access_log=False, allowed_modules=TEST_ALLOWED_MODULES, grpc_port=0)
     app = create_app(settings)
     with TestClient(app) as test_client:
         test_client.headers["Authorization"] = "Bearer tok"
