@@ -398,3 +398,26 @@ def test_saturated_classifier_risk_keeps_its_order() -> None:
     assert (far.softmax(-1)[..., 1] == 0).all()
     prediction, _ = reduce_members(far, "classification", -1)
     assert -122.0 < prediction[0, 1].item() < -120.0  # log of the mean probability, not log(tiny) = -87.3
+
+
+# ------------------------------------------------------------------ CUDA (run where a GPU is present)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_composed_matches_cpu_and_is_batch_invariant(stack: str, family: str) -> None:
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # see test_wrappers.no_tf32
+    try:
+        model, x = build(family)
+        wrapped = STACKS[stack](model).eval()
+        y, risk = wrapped(x, return_risk=True)
+        wrapped.to("cuda")
+        with torch.inference_mode():
+            yc, riskc = wrapped(x.cuda(), return_risk=True)
+            assert torch.allclose(yc.cpu(), y, atol=1e-4, rtol=1e-3)
+            for k, v in risk.components().items():
+                assert torch.allclose(riskc.components()[k].cpu(), v, atol=1e-4, rtol=1e-3), k
+            for i in (0, 17, 31):
+                one_y, one = wrapped(x[i : i + 1].cuda(), return_risk=True)
+                assert close(one_y[0], yc[i]) and all(close(one.components()[k][0], v[i])
+                                                      for k, v in riskc.components().items())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
