@@ -38,18 +38,24 @@ class ProtocolError(ValueError):
 # ------------------------------------------------------------------------------------------------ encoding
 
 
+#: Field names of each message type, in order (looked up per value: much cheaper than ``dataclasses.fields``).
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGE_TYPES.values()
+}
+
+
 def _to_json(value: Any, arrays: list[np.ndarray]) -> Any:
     if isinstance(value, np.ndarray):
         arrays.append(np.ascontiguousarray(value))
         return {"#": len(arrays) - 1}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        name = type(value).__name__
-        if MESSAGE_TYPES.get(name) is not type(value):
-            raise TypeError(f"cannot encode {type(value).__qualname__}: not a worker message type")
-        out = {"$": name}
-        for f in dataclasses.fields(value):
-            out[f.name] = _to_json(getattr(value, f.name), arrays)
+    names = _FIELDS.get(type(value))
+    if names is not None:
+        out = {"$": type(value).__name__}
+        for name in names:
+            out[name] = _to_json(getattr(value, name), arrays)
         return out
+    if dataclasses.is_dataclass(value):
+        raise TypeError(f"cannot encode {type(value).__qualname__}: not a worker message type")
     if isinstance(value, (tuple, list)):
         return [_to_json(item, arrays) for item in value]
     if isinstance(value, np.generic):
@@ -95,17 +101,35 @@ def _from_json(value: Any, arrays: list[np.ndarray]) -> Any:
     return value
 
 
+_DTYPES: dict[str, np.dtype] = {}  # dtype strings seen (a handful: the models' input and output dtypes)
+
+
 def _array_spec(spec: Any) -> tuple[np.dtype, tuple[int, ...], int]:
     try:
         dtype_str, shape, nbytes = spec
-        dtype = np.dtype(dtype_str)
-        shape = tuple(int(d) for d in shape)
-        nbytes = int(nbytes)
+        dtype = _DTYPES.get(dtype_str)
+        if dtype is None:
+            dtype = np.dtype(dtype_str)
+            if len(_DTYPES) < 64:
+                _DTYPES[dtype_str] = dtype
+        shape = tuple(shape)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed array spec {spec!r}: {exc}") from None
-    if dtype.hasobject or any(d < 0 for d in shape) or nbytes != math.prod(shape) * dtype.itemsize:
+    if (dtype.hasobject or type(nbytes) is not int or not all(type(d) is int and d >= 0 for d in shape)
+            or nbytes != math.prod(shape) * dtype.itemsize):
         raise ProtocolError(f"inconsistent array spec {spec!r}")
     return dtype, shape, nbytes
+
+
+def _parse_header(raw: memoryview) -> tuple[Any, list[tuple[np.dtype, tuple[int, ...], int]]]:
+    try:
+        header = orjson.loads(raw)
+        body, specs = header["m"], header["a"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed frame header: {exc}") from None
+    if not isinstance(specs, list):
+        raise ProtocolError(f"malformed frame header: array specs {specs!r}")
+    return body, [_array_spec(spec) for spec in specs]
 
 
 class FrameReader:
@@ -147,6 +171,12 @@ class FrameReader:
             return messages
         data, pos = self._scratch, 0
         while pos < nbytes:
+            if self._stage == "prefix" and self._filled == 0:  # at a frame boundary: the whole frame may be here
+                end = self._whole_frame(data, pos, nbytes, messages)
+                if end is not None:
+                    pos = end
+                    self.pending_bytes = nbytes - pos
+                    continue
             take = min(len(self._target) - self._filled, nbytes - pos)
             self._target[self._filled:self._filled + take] = data[pos:pos + take]
             self._filled += take
@@ -157,6 +187,25 @@ class FrameReader:
                 if len(messages) > done:  # a frame ended inside this read: what follows belongs to the next
                     self.pending_bytes = nbytes - pos
         return messages
+
+    def _whole_frame(self, data: memoryview, pos: int, end: int, messages: list[Message]) -> int | None:
+        """Decode the frame at ``data[pos:end]`` in place if it is complete (the common case for small frames)."""
+        if end - pos < _PREFIX.size:
+            return None
+        magic, length = _PREFIX.unpack_from(data, pos)
+        head = pos + _PREFIX.size
+        if magic != MAGIC or not 0 < length <= _MAX_HEADER or head + length > end:
+            return None  # incomplete (or invalid: the general path says why)
+        body, specs = _parse_header(data[head:head + length])
+        offset: int = head + length
+        if offset + sum(nbytes for _, _, nbytes in specs) > end:
+            return None
+        arrays = []
+        for dtype, shape, nbytes in specs:
+            arrays.append(np.frombuffer(bytearray(data[offset:offset + nbytes]), dtype=dtype).reshape(shape))
+            offset += nbytes
+        messages.append(_from_json(body, arrays))
+        return offset
 
     def _advance(self, messages: list[Message]) -> None:
         """The current target is full: move to the next part of the frame (skipping empty arrays)."""
@@ -169,12 +218,7 @@ class FrameReader:
                     raise ProtocolError(f"frame header of {length} bytes")
                 self._stage, self._target, self._filled = "header", memoryview(bytearray(length)), 0
             elif self._stage == "header":
-                try:
-                    header = orjson.loads(self._target)
-                    self._body, specs = header["m"], header["a"]
-                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ProtocolError(f"malformed frame header: {exc}") from None
-                self._specs = [_array_spec(spec) for spec in specs]
+                self._body, self._specs = _parse_header(self._target)
                 self._stage = "arrays"
                 self._next_array()
             else:  # an array is complete
