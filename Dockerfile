@@ -81,6 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     CAPSA_HOST=0.0.0.0 \
     CAPSA_PORT=8000 \
+    CAPSA_GRPC_PORT=8001 \
     CAPSA_MODEL_REPOSITORY=/models \
     CAPSA_CACHE_DIR=/var/cache/capsa
 # The model registry: mount a local one here, or set CAPSA_MODEL_REPOSITORY=s3://bucket/prefix (with
@@ -90,7 +91,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/models", "/var/cache/capsa"]
 WORKDIR /home/capsa
 USER 10001:10001
-EXPOSE 8000
+# 8000: REST (and /metrics); 8001: the KServe V2 gRPC service and grpc.health.v1.
+EXPOSE 8000 8001
 # Liveness only: readiness (/v2/health/ready) is for load balancers, and a container that is still loading its
 # models must not be marked unhealthy. python is used because the slim image has no curl or wget.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
