@@ -356,3 +356,25 @@ def test_strict_readiness_needs_every_version_loaded(tmp_path: Path) -> None:
         assert infer(proc.url, "good", x).status_code == 200
     finally:
         assert proc.stop() == 0
+
+
+def test_state_metrics_contract() -> None:
+    """The series the alerts read: counts always exported, load_failed 1 while failed, 0 once loaded, gone after."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(m.render().decode()) for s in family.samples}
+
+    m = Metrics()
+    got = samples(m)
+    assert {got[("capsa_model_versions", (("state", st),))] for st in ("ready", "loading", "failed")} == {0}
+    m.set_version_states({"ready": 1, "failed": 1}, failed=[("a", "2")], loaded=[("a", "1")])
+    got = samples(m)
+    assert got[("capsa_model_versions", (("state", "failed"),))] == 1
+    assert got[("capsa_model_load_failed", (("model", "a"), ("version", "2")))] == 1
+    assert ("capsa_model_load_failed", (("model", "a"), ("version", "1"))) not in got  # never failed: no series
+    m.set_version_states({"ready": 2}, failed=[], loaded=[("a", "1"), ("a", "2")])
+    assert samples(m)[("capsa_model_load_failed", (("model", "a"), ("version", "2")))] == 0
+    m.set_version_states({"ready": 1}, failed=[], loaded=[("a", "1")])  # version 2 retired
+    assert ("capsa_model_load_failed", (("model", "a"), ("version", "2"))) not in samples(m)
