@@ -370,6 +370,10 @@ def save_bundle(
         raise ValueError(
             f"save_bundle: cannot import architecture {architecture!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    if architecture_file is None:
+        from capsa._locality import warn_if_only_importable_here
+
+        warn_if_only_importable_here(module_name, architecture)
 
     # Record the signature; the first call also creates capsa's lazy parameters.
     first = next(itertools.chain(wrapped.user_parameters(), wrapped.buffers()), None)

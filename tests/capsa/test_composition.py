@@ -421,3 +421,24 @@ def test_cuda_composed_matches_cpu_and_is_batch_invariant(stack: str, family: st
                                                       for k, v in riskc.components().items())
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# ------------------------------------------------------------------ bundles that only work here
+def test_save_bundle_warns_about_an_architecture_importable_only_from_here(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mymodels_h1probe.py").write_text(
+        "from torch import nn\n\n\ndef factory():\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    import mymodels_h1probe
+
+    wrapped = vote.Wrapper()(mymodels_h1probe.factory())
+    with pytest.warns(UserWarning, match=r"importable only from .* architecture_file="):
+        capsa.save_bundle(wrapped, tmp_path / "b", architecture="mymodels_h1probe:factory",
+                          example_input=torch.randn(2, 3))
+    from capsa._locality import importable_elsewhere
+
+    assert importable_elsewhere("torch.nn") is True  # installed packages do not warn
