@@ -33,6 +33,7 @@ __all__ = [
     "PERCENTILE_BUCKETS",
     "DriftMonitor",
     "ServedCalibration",
+    "apply_calibration",
     "check_calibrated_output",
     "flag_by_percentile",
     "percentile_threshold",
@@ -165,6 +166,24 @@ def percentile_threshold(calibration: ServedCalibration | None, configured: floa
     if "risk_threshold" in parameters:
         return None
     return configured
+
+
+def apply_calibration(mv: Any, pred: np.ndarray, risk: np.ndarray, score: np.ndarray, pthreshold: float | None,
+                      names: frozenset[str]) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """For a calibrated version ``mv``: record the request's percentiles (histogram, drift) and return
+    ``(flagged by percentile or None, the requested calibrated outputs)``; ``(None, {})`` when uncalibrated."""
+    calibration: ServedCalibration | None = mv.calibration
+    if calibration is None:
+        return None, {}
+    percentile = calibration.percentile(score)
+    calibration.observe(percentile)
+    flagged = None
+    if pthreshold is not None:
+        flagged = percentile > pthreshold
+        n_flagged = int(np.count_nonzero(flagged))
+        if n_flagged:
+            mv.metrics.flagged.inc(n_flagged)
+    return flagged, calibration.compute(names, pred, risk, percentile)
 
 
 def check_calibrated_output(calibration: ServedCalibration | None, name: str, where: str,
