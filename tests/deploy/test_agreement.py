@@ -122,20 +122,22 @@ def test_host_is_all_interfaces(rendered: dict[str, list[dict[str, Any]]]) -> No
 
 
 def test_port_agrees_everywhere(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    port = Settings.model_fields["port"].default
-    assert port == 8000
-    exposed = [int(a.split("/")[0]) for k, a in dockerfile_instructions() if k == "EXPOSE"]
-    assert exposed == [port], f"EXPOSE {exposed}"
+    port, grpc_port = Settings.model_fields["port"].default, Settings.model_fields["grpc_port"].default
+    assert (port, grpc_port) == (8000, 8001)  # REST and gRPC, as Triton's
+    exposed = [int(p.split("/")[0]) for k, a in dockerfile_instructions() if k == "EXPOSE" for p in a.split()]
+    assert exposed == [port, grpc_port], f"EXPOSE {exposed}"
     for place, env in _environments(rendered).items():
         if "CAPSA_PORT" in env:
             assert int(env["CAPSA_PORT"]) == port, f"{place}: CAPSA_PORT"
+        if "CAPSA_GRPC_PORT" in env:
+            assert int(env["CAPSA_GRPC_PORT"]) == grpc_port, f"{place}: CAPSA_GRPC_PORT"
     for overlay in OVERLAYS:
         (container,) = one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]["containers"]
-        assert [p["containerPort"] for p in container["ports"]] == [port]
-        assert [p["port"] for p in one(rendered[overlay], "Service")["spec"]["ports"]] == [port]
-    assert [p["containerPort"] for p in _kserve_container()["ports"]] == [port]
+        assert [p["containerPort"] for p in container["ports"]] == [port, grpc_port]
+        assert [p["port"] for p in one(rendered[overlay], "Service")["spec"]["ports"]] == [port, grpc_port]
+    assert [p["containerPort"] for p in _kserve_container()["ports"]] == [port]  # KServe routes one port
     capsa = yaml.safe_load(COMPOSE.read_text())["services"]["capsa"]
-    assert [int(p.rsplit(":", 1)[1]) for p in capsa["ports"]] == [port]
+    assert [int(p.split("#")[0].rsplit(":", 1)[1]) for p in capsa["ports"]] == [port, grpc_port]
     prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert [int(t.rsplit(":", 1)[1]) for t in targets] == [port]
