@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,8 +14,12 @@ _PROBE = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(sys
 
 def importable_elsewhere(module_name: str, timeout: float = 60.0) -> bool | None:
     """Whether a fresh interpreter started in another directory (same environment) finds ``module_name``'s top-level
-    package; None when that cannot be told (the probe failed or timed out)."""
-    top = module_name.partition(".")[0]
+    package; None when that cannot be told (the probe failed or timed out). Asked once per package and environment."""
+    return _probe(module_name.partition(".")[0], os.environ.get("PYTHONPATH", ""), timeout)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(top: str, pythonpath: str, timeout: float) -> bool | None:
     with tempfile.TemporaryDirectory() as elsewhere:
         try:
             done = subprocess.run([sys.executable, "-c", _PROBE, top], cwd=elsewhere,
