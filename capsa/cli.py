@@ -152,7 +152,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from service.registry import publish
+    from capsa.registry import publish
 
     options = json.loads(args.storage_options) if args.storage_options else None
     version = publish(args.bundle, args.root, args.name, args.version, force=args.force, storage_options=options)
