@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from service.batching import ModelError, ServeError
 from service.errors import ApiError
-from service.manager import ModelManager, ModelVersion, NotFound
+from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
 from service.protocol import (
     InferRequest,
     ProtocolError,
@@ -76,6 +76,27 @@ def lookup(manager: ModelManager, name: str, version: str | None) -> ModelVersio
                             "decimal integers without leading zeros)")
     try:
         return manager.resolve(name, version)
+    except NotFound as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+async def load_model(manager: ModelManager, name: str) -> None:
+    """(Re)load a model (the repository load route and RPC): 404 unknown, 409 cancelled by an unload or a newer
+    load, 400 naming what failed (config.json and the field, a file, the load error)."""
+    try:
+        await manager.load(name)
+    except NotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except LoadCancelled as exc:
+        raise ApiError(409, str(exc)) from None
+    except LoadError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def unload_model(manager: ModelManager, name: str) -> None:
+    """Stop serving a model (the repository unload route and RPC): 404 when it is unknown."""
+    try:
+        await manager.unload(name)
     except NotFound as exc:
         raise ApiError(404, str(exc)) from None
 

@@ -38,10 +38,12 @@ from service.inference import (
     check_admin_token,
     check_infer_token,
     infer,
+    load_model,
     lookup,
     shed,
+    unload_model,
 )
-from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
+from service.manager import ModelManager, ModelVersion
 from service.protocol import (
     DATATYPES,
     InferRequest,
@@ -271,14 +273,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                   context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
         async def run(ctx: dict[str, Any], md: dict[str, str]) -> pb.RepositoryModelLoadResponse:
             check_admin_token(self.settings, md.get("authorization"))
-            try:
-                await self.manager.load(request.model_name)
-            except NotFound as exc:
-                raise ApiError(404, str(exc)) from None
-            except LoadCancelled as exc:
-                raise ApiError(409, str(exc)) from None
-            except LoadError as exc:
-                raise ApiError(400, str(exc)) from None
+            await load_model(self.manager, request.model_name)
             return pb.RepositoryModelLoadResponse()
         return await self._serve("RepositoryModelLoad", context, run)
 
@@ -286,10 +281,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         async def run(ctx: dict[str, Any], md: dict[str, str]) -> pb.RepositoryModelUnloadResponse:
             check_admin_token(self.settings, md.get("authorization"))
-            try:
-                await self.manager.unload(request.model_name)
-            except NotFound as exc:
-                raise ApiError(404, str(exc)) from None
+            await unload_model(self.manager, request.model_name)
             return pb.RepositoryModelUnloadResponse()
         return await self._serve("RepositoryModelUnload", context, run)
 

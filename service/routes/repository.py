@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.manager import LoadCancelled, LoadError, NotFound
+from service.inference import load_model, unload_model
 from service.routes.deps import AdminAuth, ManagerDep, read_body
 from service.schemas import ErrorResponse, RepositoryIndexEntry, RepositoryIndexRequest, RepositoryRequest, request_body
 
@@ -54,14 +54,7 @@ async def load(model_name: str, request: Request, manager: ManagerDep) -> dict[s
     409 when an unload (or a newer load) cancelled this one.
     """
     await _json_body(request)
-    try:
-        await manager.load(model_name)
-    except NotFound as exc:
-        raise ApiError(404, str(exc)) from None
-    except LoadCancelled as exc:
-        raise ApiError(409, str(exc)) from None
-    except LoadError as exc:  # bad config.json, bad files, a version that failed: the message names it
-        raise ApiError(400, str(exc)) from None
+    await load_model(manager, model_name)  # 404/409/400 as the gRPC RPC (service.inference)
     return {}
 
 
@@ -70,8 +63,5 @@ async def load(model_name: str, request: Request, manager: ManagerDep) -> dict[s
 async def unload(model_name: str, request: Request, manager: ManagerDep) -> dict[str, Any]:
     """Stop serving a model; its queued and running requests finish first (bounded by CAPSA_DRAIN_TIMEOUT_S)."""
     await _json_body(request)
-    try:
-        await manager.unload(model_name)
-    except NotFound as exc:
-        raise ApiError(404, str(exc)) from None
+    await unload_model(manager, model_name)
     return {}
