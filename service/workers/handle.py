@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.workers.child import worker_main
-from service.workers.codec import FrameReader, ProtocolError, encode
+from service.workers.codec import FrameReader, encode
 from service.workers.messages import LoadFailed, Message, Outcome, Ready, Result, RunBatch, Stop, WorkerSpec
 
 log = logging.getLogger("capsa.serve.workers")
@@ -50,8 +50,8 @@ class _Protocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             messages = self.reader.feed(nbytes)
-        except ProtocolError as exc:
-            self.handle._fatal(f"malformed frame from the worker: {exc}")
+        except Exception as exc:  # ProtocolError, or no memory for a frame: the stream is unusable
+            self.handle._fatal(f"cannot read a frame from the worker: {type(exc).__name__}: {exc}")
             return
         for message in messages:
             self.handle._received(message)
@@ -104,6 +104,7 @@ class WorkerProcess:
         self._stream_closed = False
         self._reaped = False
         self._reap_delay = 0.001
+        self._outbox: list[Message] = []
 
     @property
     def pid(self) -> int | None:
@@ -144,6 +145,10 @@ class WorkerProcess:
         self._transport = transport
         if self.state == "exited":
             transport.close()
+            return
+        for message in self._outbox:  # sent before the socket was attached (a stop right after the start)
+            transport.writelines(encode(message))
+        self._outbox.clear()
 
     def send_batch(self, batch_id: int, array: np.ndarray, offsets: list[int]) -> None:
         """Send a batch (the worker must be ready and idle); raises :class:`WorkerGone` if it is going away."""
@@ -151,6 +156,9 @@ class WorkerProcess:
 
     def _send(self, message: Message) -> None:
         transport = self._transport
+        if transport is None and self.process is not None and not self._reaped and self.state != "exited":
+            self._outbox.append(message)  # the socket is being attached to the loop: goes out once it is
+            return
         if transport is None or transport.is_closing() or self.state in ("exited", "new"):
             raise WorkerGone(f"worker {self.name} cannot take messages (state {self.state})")
         transport.writelines(encode(message))  # the transport keeps what the socket does not take yet
@@ -162,6 +170,8 @@ class WorkerProcess:
                 self._on_result(self, message.batch_id, message.compute_s, message.outcome)
             elif isinstance(message, Ready):
                 self._cancel_start_timer()
+                if self.state == "stopping":  # told to stop while loading: the Stop message is on its way
+                    return
                 self.state = "ready"
                 log.info("worker ready", extra={"worker": self.name, "pid": self.pid, "device": message.device})
                 self._on_ready(self)

@@ -31,7 +31,11 @@ from service.registry import publish
 from tests.fixtures.archs import cnn, mlp
 from tests.service.conftest import ServerProcess, expected
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,  # real worker processes that import torch
+    # the bundles name tests.fixtures.archs, importable here and in the workers (which inherit sys.path)
+    pytest.mark.filterwarnings("ignore:save_bundle.*importable only:UserWarning"),
+]
 
 SOAK_S = float(os.environ.get("CAPSA_SOAK_S", "60"))
 CLIENTS = 48

@@ -30,7 +30,11 @@ from service.workers import WorkerProcess, WorkerSpec
 from tests.fixtures.archs import cnn, mlp
 from tests.service.conftest import expected
 
-pytestmark = pytest.mark.slow  # every test spawns a worker process that imports torch
+pytestmark = [
+    pytest.mark.slow,  # real worker processes that import torch
+    # the bundles name tests.fixtures.archs, importable here and in the workers (which inherit sys.path)
+    pytest.mark.filterwarnings("ignore:save_bundle.*importable only:UserWarning"),
+]
 
 ALLOWED = ("tests.fixtures.archs",)
 WIDE = 256  # features of the "wide" model: one row is 1 KB of FP32
@@ -297,3 +301,14 @@ def _received_bytes(worker: WorkerProcess) -> int:
     """Bytes of the current incoming frame the parent holds (0 when between frames)."""
     reader = getattr(worker, "_reader", None)
     return reader.pending_bytes if reader is not None else 0
+
+
+def test_a_worker_stopped_while_loading_exits_cleanly_without_serving(bundles: dict[str, Path]) -> None:
+    async def scenario() -> None:
+        p = pool(bundles["wide"], (WIDE,))
+        worker = p.spawn()
+        await asyncio.wait_for(worker.stop(120), 180)  # Stop waits in the socket until the model is loaded
+        assert p.exits == [(worker, 0)]
+        assert p.batcher.live_workers == 0 and worker.state == "exited"
+
+    run(scenario)
