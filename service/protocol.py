@@ -222,7 +222,8 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
             raise ProtocolError(
                 f"Inference-Header-Content-Length {header_length} is outside the body ({len(body)} bytes)"
             )
-        head, binary = memoryview(body)[:header_length], memoryview(body)[header_length:]
+        # The JSON header as bytes (a small copy): ``b"true" in`` a memoryview compares single bytes, never finds it
+        head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, None
     try:

@@ -190,3 +190,17 @@ def test_numbers_next_to_json_booleans_elsewhere_decode() -> None:
     big = parse_infer_request(body([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1e39]}]))
     with np.errstate(over="ignore"):  # as capsa-serve runs
         assert np.isinf(big.inputs["x"].decode()).all()  # overflow becomes inf, which check_input then refuses
+
+
+def test_booleans_in_json_data_of_a_binary_request_are_refused() -> None:
+    """Old code: with an Inference-Header-Content-Length the header was a memoryview, ``b"true" in`` it was always
+    False, and ``[true, 0, 0, 0]`` in an FP32 input's JSON data became ``[1.0, 0, 0, 0]``."""
+    raw = np.arange(4, dtype="<f4").tobytes()
+    head = orjson.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [True, 0, 0, 0]},
+        {"name": "b", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": len(raw)}},
+    ]})
+    req = parse_infer_request(head + raw, len(head))
+    np.testing.assert_array_equal(req.inputs["b"].decode(), np.arange(4, dtype=np.float32).reshape(1, 4))
+    with pytest.raises(ProtocolError, match="input 'a': data must be numbers for FP32, found booleans"):
+        req.inputs["a"].decode()
