@@ -34,18 +34,24 @@ from torch import Tensor, nn
 
 from capsa._risk import Risk
 
-__all__ = ["ORDER", "LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
+__all__ = ["BUILTIN", "ORDER", "LayerCall", "WrappedModel", "Wrapper", "from_spec", "is_wrapped"]
 
 _REGISTRY: dict[str, type[Wrapper]] = {}
-_BUILTIN_WRAPPERS = ("capsa.neo", "capsa.sample", "capsa.sculpt", "capsa.vote")
 #: User models that carry a wrapper's hooks: wrapping one again would run both wrappers' hooks.
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
-#: Composition order: a wrapper may wrap a stack whose wrappers all have a lower level. sculpt (aleatoric, a head
-#: on the output layer) goes innermost, so that vote replicates it per voter and sample feeds it the noisy passes;
-#: vote and sample (two ways to the same epistemic risk) do not stack on each other; neo reads hidden layers and
-#: goes outermost.
-ORDER: dict[str, int] = {"sculpt": 0, "vote": 1, "sample": 1, "neo": 2}
+#: The built-in wrappers, in one table: name -> (module that defines its config, composition level). Each config
+#: class registers itself under its name when its module is imported. Composition order: a wrapper may wrap a stack
+#: whose wrappers all have a lower level. sculpt (aleatoric, a head on the output layer) goes innermost, so that
+#: vote replicates it per voter and sample feeds it the noisy passes; vote and sample (two ways to the same
+#: epistemic risk) do not stack on each other; neo reads hidden layers and goes outermost.
+BUILTIN: dict[str, tuple[str, int]] = {
+    "sculpt": ("capsa.sculpt", 0),
+    "vote": ("capsa.vote", 1),
+    "sample": ("capsa.sample", 1),
+    "neo": ("capsa.neo", 2),
+}
+ORDER: dict[str, int] = {name: level for name, (_, level) in BUILTIN.items()}
 #: Per-thread table of the forwards in progress: wrapped model -> its `_CallState`.
 _ACTIVE = threading.local()
 #: Building (first call) traces and probes the model; one build at a time.
@@ -140,8 +146,8 @@ def from_spec(spec: Mapping[str, Any]) -> Wrapper:
     """Rebuild a wrapper from `Wrapper.to_spec()` output; raises `ValueError` naming what is wrong."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"capsa spec must be a JSON object, got {type(spec).__name__}")
-    for builtin in _BUILTIN_WRAPPERS:  # register them (capsa imports its modules lazily)
-        importlib.import_module(builtin)
+    for module, _ in BUILTIN.values():  # register them (capsa imports its modules lazily)
+        importlib.import_module(module)
     options = dict(spec)
     name = options.pop("wrapper", None)
     version = options.pop("version", None)

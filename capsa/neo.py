@@ -29,13 +29,13 @@ from capsa._members import Task
 from capsa._risk import Risk
 from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, find_site_layer, site_key, site_name
 
-__all__ = ["NeoModel", "Wrapper"]
+__all__ = ["NeoConfig", "NeoModel", "Wrapper"]
 
 
 class NeoModel(WrappedModel):
     """A model wrapped by `capsa.neo.Wrapper`."""
 
-    wrapper: Wrapper
+    wrapper: NeoConfig
 
     def _select_sites(self, calls: list[LayerCall]) -> list[str]:
         output = self._output_layer(calls)
@@ -142,7 +142,7 @@ def _width(module: nn.Module) -> int:
     return module.weight.shape[1] if isinstance(module, nn.Linear) else module.in_channels
 
 
-class Wrapper(_wrapper.Wrapper):
+class NeoConfig(_wrapper.Wrapper):
     """Novelty risk: reconstruction error of the model's hidden representations under a learned signature.
 
     Args:
@@ -161,3 +161,7 @@ class Wrapper(_wrapper.Wrapper):
     latent_dim: int | None = Field(None, ge=1)
     momentum: float = Field(0.01, gt=0.0, le=1.0)
     task: Task = "regression"
+
+
+#: The config's name in capsa-torch and in earlier capsa versions.
+Wrapper = NeoConfig

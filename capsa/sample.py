@@ -29,7 +29,7 @@ from capsa._members import Task, reduce_members
 from capsa._risk import Risk
 from capsa._wrapper import LayerCall, WrappedModel, _CallState, feature_dim, site_key
 
-__all__ = ["Bernoulli", "Gaussian", "SampleModel", "Wrapper"]
+__all__ = ["Bernoulli", "Gaussian", "SampleConfig", "SampleModel", "Wrapper"]
 
 
 class Bernoulli(BaseModel):
@@ -75,7 +75,7 @@ Distribution = Annotated[Bernoulli | Gaussian, Field(discriminator="name")]
 class SampleModel(WrappedModel):
     """A model wrapped by `capsa.sample.Wrapper`."""
 
-    wrapper: Wrapper
+    wrapper: SampleConfig
 
     def _select_sites(self, calls: list[LayerCall]) -> list[str]:
         output = self._output_layer(calls)
@@ -206,7 +206,7 @@ class SampleModel(WrappedModel):
         return reduce_members(members, self.wrapper.task, self.wrapper.class_dim, scales)
 
 
-class Wrapper(_wrapper.Wrapper):
+class SampleConfig(_wrapper.Wrapper):
     """Epistemic risk from `n_samples` stochastic passes with noise after every hidden Linear/ConvNd layer.
 
     Args:
@@ -230,3 +230,7 @@ class Wrapper(_wrapper.Wrapper):
     seed: int = Field(0, ge=0)
     task: Task = "regression"
     class_dim: int = -1
+
+
+#: The config's name in capsa-torch and in earlier capsa versions.
+Wrapper = SampleConfig

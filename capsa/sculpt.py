@@ -25,7 +25,7 @@ from capsa._layers import apply_layer, fresh_copies
 from capsa._risk import Risk
 from capsa._wrapper import OutputLayerModel, _CallState
 
-__all__ = ["Normal", "SculptModel", "Wrapper"]
+__all__ = ["Normal", "SculptConfig", "SculptModel", "Wrapper"]
 
 
 class Normal:
@@ -40,7 +40,7 @@ _DISTRIBUTIONS: dict[str, type] = {"Normal": Normal}
 class SculptModel(OutputLayerModel):
     """A model wrapped by `capsa.sculpt.Wrapper`."""
 
-    wrapper: Wrapper
+    wrapper: SculptConfig
     group = "scale"
 
     def _new_state(self, module: nn.Module) -> dict[str, Tensor]:
@@ -72,7 +72,7 @@ class SculptModel(OutputLayerModel):
         return out, Risk(aleatoric=scale)
 
 
-class Wrapper(_wrapper.Wrapper):
+class SculptConfig(_wrapper.Wrapper):
     """Aleatoric risk: a learned scale per output element, trained with `gaussian_nll_loss`.
 
     Args:
@@ -112,3 +112,7 @@ class Wrapper(_wrapper.Wrapper):
     @field_serializer("distribution")
     def _distribution_name(self, value: type) -> str:
         return value.name
+
+
+#: The config's name in capsa-torch and in earlier capsa versions.
+Wrapper = SculptConfig

@@ -33,13 +33,13 @@ from capsa._risk import Risk
 from capsa._wrapper import OutputLayerModel, _CallState
 from capsa.sculpt import SculptModel
 
-__all__ = ["VoteModel", "Wrapper"]
+__all__ = ["VoteConfig", "VoteModel", "Wrapper"]
 
 
 class VoteModel(OutputLayerModel):
     """A model wrapped by `capsa.vote.Wrapper`."""
 
-    wrapper: Wrapper
+    wrapper: VoteConfig
     group = "voters"
 
     @property
@@ -86,7 +86,7 @@ class VoteModel(OutputLayerModel):
         return reduce_members(voters, self.wrapper.task, self.wrapper.class_dim, scales, pick)
 
 
-class Wrapper(_wrapper.Wrapper):
+class VoteConfig(_wrapper.Wrapper):
     """Epistemic risk from `n_voters` voters that share the model up to its output layer.
 
     Args:
@@ -103,3 +103,7 @@ class Wrapper(_wrapper.Wrapper):
     n_voters: int = Field(5, ge=2)
     task: Task = "regression"
     class_dim: int = -1
+
+
+#: The config's name in capsa-torch and in earlier capsa versions.
+Wrapper = VoteConfig
