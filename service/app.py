@@ -121,7 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http=protocol_class(limits), lifespan="on",
         access_log=False, log_config=None, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=settings.keep_alive_timeout_s,
+        # uvicorn annotates these int but uses them as seconds in float arithmetic: fractions work
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         server_header=False,
     )
     server = EdgeServer(config, limits, settings.shutdown_grace_s)

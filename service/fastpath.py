@@ -100,6 +100,7 @@ class ServingMiddleware:
                     check_infer_token(self.settings, authorization)
                     if not_found is not None:
                         raise not_found
+                    assert mv is not None
                     shed(mv, self.settings, ctx["request_id"])
                     body = await self._body(receive, limit, json)
             except ApiError as exc:
@@ -110,6 +111,7 @@ class ServingMiddleware:
             if route is None:
                 await self.app(scope, receive, send_with_id)
                 return
+            assert mv is not None  # a route with no model version was answered above
             try:
                 if route[0] == "v2":
                     content, json_length = await v2_infer(mv, self.settings, ctx, body, header_length)
@@ -142,7 +144,7 @@ class ServingMiddleware:
         loop then sees the disconnect.
         """
         message = await receive()
-        body = message.get("body", b"")
+        body: bytes = message.get("body", b"")
         if len(body) > limit:
             raise body_too_large(limit, json)
         if not message.get("more_body", False):

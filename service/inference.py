@@ -199,7 +199,8 @@ async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], bo
         try:
             length = int(header_length) if header_length is not None else None
         except ValueError:
-            raise ProtocolError(f"Inference-Header-Content-Length {header_length[:32]!r} is not an integer") from None
+            shown = (header_length or "")[:32]
+            raise ProtocolError(f"Inference-Header-Content-Length {shown!r} is not an integer") from None
         if length is not None and length > json_body_limit(settings):
             raise ApiError(413, f"the JSON header exceeds the limit of {json_body_limit(settings)} bytes "
                                 "(CAPSA_MAX_JSON_REQUEST_BYTES)")
@@ -239,8 +240,10 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
                     max_batch_size=mv.max_batch_size)
     pred, risk, score, flagged = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
                                             ctx["request_id"], settings.retry_after_s, deadline_s)
-    tensors = {"prediction": pred, "risk": risk, "risk_score": score, "flagged": flagged}
-    return [(n, tensors[n], binary) for n, binary in wanted]  # flagged is None only when not wanted
+    tensors = {"prediction": pred, "risk": risk, "risk_score": score}
+    if flagged is not None:  # else "flagged" is not wanted (checked above)
+        tensors["flagged"] = flagged
+    return [(n, tensors[n], binary) for n, binary in wanted]
 
 
 async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:

@@ -286,7 +286,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._serve("RepositoryModelUnload", context, run)
 
 
-class HealthServicer(health_pb2_grpc.HealthServicer):
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped generated base
     """``grpc.health.v1.Health/Check`` for Kubernetes gRPC probes: the overall service (``""``) is SERVING while
     the process answers (liveness) and until shutdown; ``inference.GRPCInferenceService`` is SERVING when the
     server is ready under the readiness policy (``/v2/health/ready``)."""
@@ -319,7 +319,8 @@ class GrpcServer:
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), self.server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+            InferenceServicer(state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
         self._stopped: asyncio.Task[None] | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -16,17 +16,17 @@ from service.settings import Settings
 
 async def get_manager(request: Request) -> ModelManager:
     """The app's model manager."""
-    return request.app.state.manager
+    return cast(ModelManager, request.app.state.manager)
 
 
 async def get_settings(request: Request) -> Settings:
     """The app's settings."""
-    return request.app.state.settings
+    return cast(Settings, request.app.state.settings)
 
 
 async def get_metrics(request: Request) -> Metrics:
     """The app's metrics."""
-    return request.app.state.metrics
+    return cast(Metrics, request.app.state.metrics)
 
 
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]

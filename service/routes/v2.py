@@ -20,6 +20,7 @@ from service.schemas import (
     ModelMetadata,
     ModelReadyResponse,
     ServerMetadata,
+    TensorMetadata,
     request_body,
 )
 from service.settings import Settings
@@ -51,7 +52,8 @@ def model_metadata_of(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
     versions = sorted(manager.models.get(mv.name, {}))
     return ModelMetadata(
         name=mv.name, versions=[str(v) for v in versions], platform="pytorch_capsa",
-        inputs=[mv.input.as_dict()], outputs=outputs,
+        inputs=[TensorMetadata.model_validate(mv.input.as_dict())],
+        outputs=[TensorMetadata.model_validate(o) for o in outputs],
         parameters={"max_batch_size": mv.max_batch_size, "risk_threshold": mv.risk_threshold,
                     "wrapper": mv.meta.get("wrapper"), "state": mv.status()["state"]},
     )
