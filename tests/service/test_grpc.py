@@ -327,3 +327,36 @@ def test_concurrent_grpc_and_rest_requests_are_batched_together(server: ServerPr
     samples = (metric(after, "capsa_inference_count_total", "sleepy")
                - metric(before, "capsa_inference_count_total", "sleepy"))
     assert samples == 4 and execs == 2, f"{execs} batches for 3 requests: REST and gRPC were not batched together"
+
+
+@pytest.mark.slow
+def test_sigterm_answers_in_flight_grpc_requests_and_exits_0(registry: dict[str, Any],
+                                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """gRPC drains with REST on SIGTERM: a request running when the signal comes is answered, the exit status is 0."""
+    proc = ServerProcess(registry["root"], tmp_path_factory.mktemp("logs") / "grpc-drain.log",
+                         env={"CAPSA_DRAIN_TIMEOUT_S": "20", "CAPSA_REQUEST_TIMEOUT_S": "20"})
+    try:
+        proc.wait_ready()
+        with tg.InferenceServerClient(proc.grpc_url) as c:
+            result: dict[str, Any] = {}
+
+            def call() -> None:
+                try:
+                    result["ok"] = grpc_infer(c, "sleepy", sleepy_input(1500))
+                except Exception as exc:  # reported below
+                    result["error"] = exc
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while metric(httpx.get(f"{proc.url}/metrics", timeout=T).text, "capsa_inference_pending_requests",
+                         "sleepy") < 1:
+                assert time.monotonic() < deadline, "the gRPC request never reached the server"
+                time.sleep(0.02)
+            code = proc.stop()
+            thread.join(T)
+        assert "error" not in result, result.get("error")
+        assert result["ok"].as_numpy("prediction").shape == (1, 1)
+        assert code == 0, proc.log()[-3000:]
+    finally:
+        proc.stop()
