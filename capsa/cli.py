@@ -102,9 +102,10 @@ def verify_bundle(
         "capsa_parameters": sum(p.numel() for p in wrapped.capsa_parameters()),
     }
     problems: list[str] = report["problems"]
-    if len(manifest.inputs) != 1 or len(manifest.outputs) != 2:
+    if len(manifest.inputs) != 1 or len(manifest.outputs) < 2:
         problems.append(
-            f"expected 1 input and 2 outputs in the signature, got {len(manifest.inputs)}/{len(manifest.outputs)}"
+            f"expected 1 input and at least 2 outputs (prediction, risk) in the signature, got "
+            f"{len(manifest.inputs)}/{len(manifest.outputs)}"
         )
         return report
     x = _dummy(manifest.inputs[0], batch_size, torch.Generator().manual_seed(0)).to(device)
@@ -116,6 +117,8 @@ def verify_bundle(
     except Exception as exc:
         problems.append(f"the dummy batch {list(x.shape)} fails: {type(exc).__name__}: {exc}")
         return report
+    if not isinstance(risk, torch.Tensor):  # a composed model's capsa.Risk: its signature's risk is the total
+        risk, risk_again, risk_one = risk.total, risk_again.total, risk_one.total
     for what, tensor, spec in (("prediction", y, manifest.outputs[0]), ("risk", risk, manifest.outputs[1])):
         problem = _check_output(what, tensor, spec, batch_size)
         if problem:

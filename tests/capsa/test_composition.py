@@ -442,3 +442,15 @@ def test_save_bundle_warns_about_an_architecture_importable_only_from_here(tmp_p
     from capsa._locality import importable_elsewhere
 
     assert importable_elsewhere("torch.nn") is True  # installed packages do not warn
+
+
+def test_capsa_verify_accepts_a_composed_bundle(tmp_path: Path) -> None:
+    from capsa.cli import verify_bundle
+
+    model, x = build("mlp", batch=4)
+    wrapped = STACKS["neo(vote(sculpt))"](model)
+    factory, kwargs, _ = archs.FAMILIES["mlp"]
+    path = capsa.save_bundle(wrapped, tmp_path / "b", architecture=f"tests.fixtures.archs:{factory}", kwargs=kwargs,
+                             example_input=x)
+    report = verify_bundle(path)
+    assert report["problems"] == [], report
