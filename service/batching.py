@@ -27,7 +27,8 @@ from service.workers.messages import Failed, Outcome, Outputs, Split
 
 log = logging.getLogger("capsa.serve.batching")
 
-Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # one request's prediction, risk and risk_score
+# One request's prediction, risk, risk_score and (composed models) risk components by output name.
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]
 
 
 class ServeError(Exception):
@@ -283,7 +284,8 @@ class Batcher:
         self.metrics.compute_duration.observe(compute_s)
         if isinstance(outcome, Outputs):
             rows = outcome.prediction.shape[0] if outcome.prediction.ndim else -1
-            if rows != batch.offsets[-1] or outcome.risk.shape[:1] != (rows,) or outcome.risk_score.shape != (rows,):
+            if (rows != batch.offsets[-1] or outcome.risk.shape[:1] != (rows,) or outcome.risk_score.shape != (rows,)
+                    or any(a.shape[:1] != (rows,) for _, a in outcome.components)):
                 for pending in batch.requests:  # never hand out rows that are not the request's own
                     self._fail(pending, ModelError(
                         f"the model returned {rows} rows for a batch of {batch.offsets[-1]} (prediction "

@@ -20,6 +20,7 @@ import orjson
 from pydantic import SecretStr
 
 from service.batching import ModelError, ServeError
+from service.components import component_names, unknown_output
 from service.errors import ApiError
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
 from service.protocol import (
@@ -130,16 +131,17 @@ def _unavailable(mv: ModelVersion, request_id: str, retry_after_s: int) -> ApiEr
                          "the server log and the repository index say why", {"Retry-After": str(retry_after_s)})
 
 
-def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray) -> ProtocolError | None:
+def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray,
+                components: tuple[np.ndarray, ...] = ()) -> ProtocolError | None:
     """None when every sample's prediction, risk and risk score are finite, else the error that refuses the request.
 
     A NaN score would compare False with any threshold (and be ``null`` in JSON): serving it would report the most
     out-of-range input as the least risky, so the request is refused instead.
     """
-    if np.isfinite(score).all() and all(a.dtype.kind != "f" or np.isfinite(a).all() for a in (pred, risk)):
+    if np.isfinite(score).all() and all(a.dtype.kind != "f" or np.isfinite(a).all() for a in (pred, risk, *components)):
         return None
     finite = np.isfinite(score)
-    for a in (pred, risk):
+    for a in (pred, risk, *components):
         if a.dtype.kind == "f":
             finite &= np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     bad = np.flatnonzero(~finite).tolist()
@@ -151,8 +153,9 @@ def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray
 
 async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, threshold: float | None,
                request_id: str, retry_after_s: int, deadline_s: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Validate one input, run it through the batcher, return its own rows and record per-sample metrics.
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """Validate one input, run it through the batcher, return its own rows (prediction, risk, score, flagged, risk
+    components by output name) and record per-sample metrics.
 
     ``deadline_s`` (the client's deadline, when it has one shorter than CAPSA_REQUEST_TIMEOUT_S): past it the
     request is dropped from the queue and answered 504 / DEADLINE_EXCEEDED."""
@@ -163,9 +166,9 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     try:
         future = mv.batcher.submit(array)
         if deadline_s is None:
-            pred, risk, score = await future
+            pred, risk, score, components = await future
         else:
-            pred, risk, score = await asyncio.wait_for(future, deadline_s)
+            pred, risk, score, components = await asyncio.wait_for(future, deadline_s)
     except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise ApiError(504, f"model '{mv.name}' version {mv.version}: the request's own deadline "
                             f"({deadline_s:g} s) passed before the model answered") from None
@@ -177,7 +180,7 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     except ServeError as exc:
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         raise ApiError(exc.status, f"model '{mv.name}' version {mv.version}: {exc}", headers) from None
-    refused = _not_finite(name, pred, risk, score)
+    refused = _not_finite(name, pred, risk, score, tuple(components.values()))
     if refused is not None:
         raise refused
     m = mv.metrics
@@ -188,7 +191,11 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
         n_flagged = int(np.count_nonzero(flagged))
         if n_flagged:
             m.flagged.inc(n_flagged)
-    return pred, risk, score, flagged
+    missing = [n for n in component_names(mv.meta) if n not in components]
+    if missing:  # capsa.json and the model disagree: a damaged or hand-edited bundle
+        raise ApiError(500, f"model '{mv.name}' version {mv.version}: the model returned no {missing} although "
+                            "its capsa.json lists them (re-save the bundle with capsa.save_bundle)")
+    return pred, risk, score, flagged, components
 
 
 async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes,
@@ -226,28 +233,30 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
             f"model '{mv.name}' takes one input named '{mv.input.name}', the request has {sorted(req.inputs)}"
         )
     threshold = risk_threshold(mv, req.parameters)
+    components = component_names(mv.meta)
     if req.outputs is None:
-        wanted = [(n, req.binary_output) for n in OUTPUT_NAMES[: 4 if threshold is not None else 3]]
+        wanted = [(n, req.binary_output) for n in (*OUTPUT_NAMES[: 4 if threshold is not None else 3], *components)]
     else:
         wanted = [(o.name, o.binary) for o in req.outputs]
         for out_name, _ in wanted:
-            if out_name not in OUTPUT_NAMES:
-                raise ProtocolError(f"output '{out_name}' does not exist; outputs are {list(OUTPUT_NAMES)}")
+            if out_name not in OUTPUT_NAMES and out_name not in components:
+                raise unknown_output(out_name, (*OUTPUT_NAMES, *components))
             if out_name == "flagged" and threshold is None:
                 raise ProtocolError("output 'flagged' needs parameters.risk_threshold (the model sets none)")
     tensor = req.inputs[mv.input.name]
     check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
                     max_batch_size=mv.max_batch_size)
-    pred, risk, score, flagged = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
-                                            ctx["request_id"], settings.retry_after_s, deadline_s)
-    tensors = {"prediction": pred, "risk": risk, "risk_score": score}
+    pred, risk, score, flagged, served = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
+                                                    ctx["request_id"], settings.retry_after_s, deadline_s)
+    tensors = {"prediction": pred, "risk": risk, "risk_score": score, **served}
     if flagged is not None:  # else "flagged" is not wanted (checked above)
         tensors["flagged"] = flagged
     return [(n, tensors[n], binary) for n, binary in wanted]
 
 
 async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:
-    """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``."""
+    """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``
+    and, for a composed model, its risk components (``risk_aleatoric``, ...)."""
     with accounted(mv):
         try:
             req = orjson.loads(body)
@@ -265,11 +274,12 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
                                 f"{mv.max_batch_size}")
         array = json_array("instances", instances, mv.input.datatype,
                            maybe_bools=b"true" in body or b"false" in body)
-        pred, risk, score, flagged = await _run(mv, "instances", mv.input.datatype, array, threshold,
-                                                ctx["request_id"], settings.retry_after_s)
+        pred, risk, score, flagged, served = await _run(mv, "instances", mv.input.datatype, array, threshold,
+                                                        ctx["request_id"], settings.retry_after_s)
         result = {"predictions": pred, "risk": risk, "risk_score": score}
         if flagged is not None:
             result["flagged"] = flagged
+        result.update((n, served[n]) for n in component_names(mv.meta))
         return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

@@ -8,6 +8,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service import __version__
+from service.components import component_specs
 from service.errors import ApiError
 from service.inference import json_body_limit, lookup, shed, v2_infer
 from service.manager import ModelManager, ModelVersion
@@ -48,6 +49,7 @@ def model_metadata_of(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
         {"name": "risk", "datatype": pred.datatype, "shape": pred.shape},
         {"name": "risk_score", "datatype": "FP32", "shape": batch_only},
         {"name": "flagged", "datatype": "BOOL", "shape": batch_only},
+        *component_specs(mv.meta),  # a composed model's risk components (service.components)
     ]
     versions = sorted(manager.models.get(mv.name, {}))
     return ModelMetadata(

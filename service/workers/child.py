@@ -45,15 +45,19 @@ def _run(model: Any, torch: Any, device: Any, array: np.ndarray) -> Outputs:
         x = x.to(device, non_blocking=True)
     import capsa  # loaded already with the model; one definition of the score
 
+    components: dict[str, Any] = {}
     with torch.inference_mode():
         y, risk = model(x, return_risk=True)
         score = capsa.risk_score(risk)
-        if isinstance(risk, capsa.Risk):  # a composed model: the served risk is the total
+        if isinstance(risk, capsa.Risk):  # a composed model: the served risk is the total, plus each component
+            components = {f"risk_{kind}": value for kind, value in risk.components().items()}
             risk = risk.total
         if device.type != "cpu":
             y, risk, score = y.cpu(), risk.cpu(), score.cpu()
+            components = {name: value.cpu() for name, value in components.items()}
     return Outputs(np.ascontiguousarray(y.numpy()), np.ascontiguousarray(risk.numpy()),
-                   np.ascontiguousarray(score.numpy()))
+                   np.ascontiguousarray(score.numpy()),
+                   tuple((name, np.ascontiguousarray(value.numpy())) for name, value in components.items()))
 
 
 def _error(exc: BaseException) -> str:

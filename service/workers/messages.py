@@ -56,15 +56,21 @@ class Stop:
 
 @dataclass(frozen=True)
 class Outputs:
-    """The model's outputs for a batch (or one request): one row per input row."""
+    """The model's outputs for a batch (or one request): one row per input row.
+
+    ``components``: a composed model's named risks as ``(output name, array)`` pairs (``risk_aleatoric``, ...; only
+    those its stack gives, see :mod:`service.components`); empty for a single wrapper.
+    """
 
     prediction: np.ndarray
     risk: np.ndarray
     risk_score: np.ndarray
+    components: tuple[tuple[str, np.ndarray], ...] = ()
 
-    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Rows ``lo:hi`` of each output (zero-copy views), as the batcher hands them to a request."""
-        return self.prediction[lo:hi], self.risk[lo:hi], self.risk_score[lo:hi]
+        return (self.prediction[lo:hi], self.risk[lo:hi], self.risk_score[lo:hi],
+                {name: array[lo:hi] for name, array in self.components})
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ def test_free_worker_takes_a_lone_request_at_once_then_queued_ones_together() ->
         assert worker.sent[-1][2] == [0, 2]
         answer(batcher, worker)
         for i, (fut, n) in enumerate(zip(later, [3, 4, 2], strict=True)):
-            pred, risk, score = await fut
+            pred, risk, score, components = await fut
+            assert components == {}
             expected = rows(n, 10 * (i + 1))
             np.testing.assert_array_equal(pred, expected * 2)
             np.testing.assert_array_equal(risk, expected)

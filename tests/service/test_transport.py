@@ -135,10 +135,12 @@ def pool(path: Path, input_shape: tuple[int, ...], *, timeout_s: float = 600.0,
     return result
 
 
-def check(model: torch.nn.Module, x: np.ndarray, got: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def check(model: torch.nn.Module, x: np.ndarray,
+          got: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]) -> None:
     """``got`` is exactly what ``model`` computes for ``x`` in this process (same rows, same order)."""
     want = expected(model, x)
-    for name, g, w in zip(("prediction", "risk", "risk_score"), got, want, strict=True):
+    assert got[3] == {}  # single wrappers: no risk components
+    for name, g, w in zip(("prediction", "risk", "risk_score"), got[:3], want, strict=True):
         assert g.shape == w.shape, name
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
 
