@@ -131,12 +131,16 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """Predictions with their per-element risk and per-sample risk score (and ``flagged`` with a threshold)."""
+    """Predictions with their per-element risk and per-sample risk score (and ``flagged`` with a threshold); a
+    composed model adds its risk components (those its stack has: see ``service.components``)."""
 
     predictions: list[Any]
     risk: list[Any]
     risk_score: list[float]
     flagged: list[bool] | None = None
+    risk_aleatoric: list[Any] | None = None
+    risk_epistemic: list[Any] | None = None
+    risk_novelty: list[Any] | None = None
 
 
 class RepositoryIndexRequest(BaseModel):

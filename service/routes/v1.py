@@ -17,7 +17,7 @@ router = APIRouter(tags=["v1"])
              responses=ERRORS, openapi_extra=request_body(PredictRequest), dependencies=[InferAuth])
 async def predict(model_name: str, request: Request, manager: ManagerDep, settings: SettingsDep) -> Response:
     """Each instance is one sample (one row of the model's input); returns ``predictions``, ``risk``,
-    ``risk_score`` (and ``flagged`` when a risk threshold is set)."""
+    ``risk_score`` (and ``flagged`` when a risk threshold is set; a composed model's risk components too)."""
     ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
     mv = lookup(manager, model_name, None)
     try:
