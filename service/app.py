@@ -14,7 +14,6 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.docs import install_offline_docs
@@ -33,25 +32,6 @@ log = logging.getLogger("capsa.serve")
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
                     headers=headers)
-
-
-class ServingApp(FastAPI):
-    """FastAPI, with :class:`~service.fastpath.ServingMiddleware` in front of everything for HTTP requests.
-
-    The middleware sits outside FastAPI's own per-request layers, so the inference fast path pays for none of them;
-    every other request goes through it into the normal FastAPI stack.
-    """
-
-    serving: ServingMiddleware | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.serving is not None and scope["type"] == "http":
-            await self.serving(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
-
-    async def _fastapi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -99,7 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
             if app.state.access_log is not None:
                 app.state.access_log.flush()
 
-    app = ServingApp(
+    app = FastAPI(
         title="capsa-serve",
         version=__version__,
         description="Predictions with per-sample risk from capsa-wrapped PyTorch models, over the KServe V2 "
@@ -134,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def unhandled_error(request: Request, exc: Exception) -> Response:
         request_id = request.scope.get("capsa", {}).get("request_id")
         error = internal_error(exc, request_id, request.url.path)
-        return _error(error.status, error.message)
+        return _error(error.status, error.message, {"X-Request-ID": request_id} if request_id else None)
 
     default_openapi = app.openapi
 
@@ -150,5 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.serving = ServingMiddleware(app._fastapi_call, state=app.state)
+    # A plain ASGI middleware, outside routing and dependency injection (only Starlette's ServerErrorMiddleware is
+    # outside it): request ids, limits, access log, and the inference fast path (service.fastpath).
+    app.add_middleware(ServingMiddleware, state=app.state)
     return app

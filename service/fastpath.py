@@ -41,6 +41,10 @@ class ServingMiddleware:
         self.json_limit = json_body_limit(self.settings)
         self.json_named = self.json_limit < self.limit  # which setting a JSON 413 names
         self.access: AccessLog | None = state.access_log
+        #: Serve the inference paths right here (False: let the FastAPI routes of the same paths serve them; tests
+        #: compare the two).
+        self.fast_routes = True
+        state.serving = self
         self._prefix = os.urandom(4).hex()
         self._counter = 0
 
@@ -79,7 +83,7 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            route = _fast_route(scope) if scope["method"] == "POST" else None
+            route = _fast_route(scope) if scope["method"] == "POST" and self.fast_routes else None
             mv = not_found = None
             json = False
             limit = self.limit

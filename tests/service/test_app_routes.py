@@ -51,13 +51,13 @@ def both(client: TestClient, method: str, path: str, **kw: Any) -> tuple[Any, An
         body = iter(chunks) if chunks is not None else content
         return client.request(method, path, content=body, **kw)
 
-    app = client.app
+    serving = client.app.state.serving  # type: ignore[attr-defined]
     fast = send()
-    saved, app.serving = app.serving, None  # type: ignore[attr-defined]
+    serving.fast_routes = False
     try:
         slow = send()
     finally:
-        app.serving = saved  # type: ignore[attr-defined]
+        serving.fast_routes = True
     return fast, slow
 
 

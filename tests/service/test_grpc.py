@@ -87,6 +87,7 @@ def wait_idle(server: ServerProcess, model: str) -> None:
 # ---------------------------------------------------------------------------------------------- health, metadata
 def test_health_and_server_metadata(server: ServerProcess, client: tg.InferenceServerClient) -> None:
     assert client.is_server_live(client_timeout=T)
+    server.wait_ready(timeout=120)  # an earlier test may have left a worker restarting: ready again over REST first
     assert client.is_server_ready(client_timeout=T)
     assert client.is_model_ready("vote", client_timeout=T)
     assert client.is_model_ready("vote", "1", client_timeout=T)
@@ -97,6 +98,7 @@ def test_health_and_server_metadata(server: ServerProcess, client: tg.InferenceS
 
 
 def test_grpc_health_service_for_kubernetes_probes(server: ServerProcess) -> None:
+    server.wait_ready(timeout=120)
     with grpc.insecure_channel(server.grpc_url) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         serving = health_pb2.HealthCheckResponse.SERVING
