@@ -168,7 +168,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if bad_id:
                 raise ApiError(400, bad_id)
-            return await handler(ctx, metadata)
+            answer = await handler(ctx, metadata)
+            context.set_trailing_metadata((("x-request-id", ctx["request_id"]),))  # as REST's X-Request-ID header
+            return answer
         except ApiError as exc:
             code = exc.grpc_code
             await self._abort(context, ctx, code, exc.message)

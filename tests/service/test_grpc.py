@@ -180,6 +180,21 @@ def test_outputs_selection_and_int_threshold(client: tg.InferenceServerClient) -
     np.testing.assert_array_equal(default.as_numpy("flagged"), default.as_numpy("risk_score") > 0.05)
 
 
+def test_request_ids_come_back_in_trailing_metadata(server: ServerProcess) -> None:
+    """The id in use (the request's ``id``, else ``x-request-id``, else a generated one) comes back as
+    ``x-request-id`` trailing metadata, as REST's X-Request-ID header; an unusable one is INVALID_ARGUMENT."""
+    channel, inference = stub(server)
+    with channel:
+        _, call = inference.ServerLive.with_call(service_pb2.ServerLiveRequest(), timeout=T,
+                                                 metadata=(("x-request-id", "trace-7"),))
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
+        _, call = inference.ServerLive.with_call(service_pb2.ServerLiveRequest(), timeout=T)
+        assert dict(call.trailing_metadata())["x-request-id"]  # generated
+        with pytest.raises(grpc.RpcError) as info:
+            inference.ServerLive(service_pb2.ServerLiveRequest(), timeout=T, metadata=(("x-request-id", "x" * 200),))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "longer than 128" in info.value.details()
+
+
 def test_request_id_is_echoed(client: tg.InferenceServerClient, server: ServerProcess) -> None:
     result = grpc_infer(client, "vote", sample_input(1), request_id="grpc-id-42")
     assert result.get_response().id == "grpc-id-42"
