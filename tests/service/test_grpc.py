@@ -73,15 +73,25 @@ def stub(server: ServerProcess) -> tuple[grpc.Channel, service_pb2_grpc.GRPCInfe
     return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
+def pending(server: ServerProcess, model: str) -> float:
+    """The model version's queued and running requests (the pending gauge)."""
+    return metric(httpx.get(f"{server.url}/metrics", timeout=T).text, "capsa_inference_pending_requests", model)
+
+
 def wait_idle(server: ServerProcess, model: str) -> None:
     """Wait until the model version has no pending request (its worker is free for the next test)."""
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{server.url}/metrics", timeout=T).text
-        if metric(text, "capsa_inference_pending_requests", model) == 0:
-            return
+    while pending(server, model) > 0:
+        assert time.monotonic() < deadline, f"{model} still has pending requests"
         time.sleep(0.1)
-    raise AssertionError(f"{model} still has pending requests")
+
+
+def wait_running(server: ServerProcess, model: str) -> None:
+    """Wait until a request of the model version is pending (it reached the server)."""
+    deadline = time.monotonic() + 60
+    while pending(server, model) < 1:
+        assert time.monotonic() < deadline, f"no request of {model} reached the server"
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- health, metadata
@@ -262,11 +272,7 @@ def test_client_deadline_counts_and_drops_the_queued_request(server: ServerProce
             {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": sleepy_input(1500).ravel().tolist()}]})))
     before = httpx.get(f"{server.url}/metrics", timeout=T).text
     thread.start()
-    deadline = time.monotonic() + 30
-    while metric(httpx.get(f"{server.url}/metrics", timeout=T).text, "capsa_inference_pending_requests",
-                 "sleepy") < 1:
-        assert time.monotonic() < deadline, "the blocking request never reached the server"
-        time.sleep(0.02)
+    wait_running(server, "sleepy")
     code, _ = status_of(lambda: grpc_infer(client, "sleepy", sleepy_input(0), timeout=0.3))
     assert code == "DEADLINE_EXCEEDED"
     thread.join(T)
@@ -365,11 +371,7 @@ def test_sigterm_answers_in_flight_grpc_requests_and_exits_0(registry: dict[str,
 
             thread = threading.Thread(target=call)
             thread.start()
-            deadline = time.monotonic() + 60
-            while metric(httpx.get(f"{proc.url}/metrics", timeout=T).text, "capsa_inference_pending_requests",
-                         "sleepy") < 1:
-                assert time.monotonic() < deadline, "the gRPC request never reached the server"
-                time.sleep(0.02)
+            wait_running(proc, "sleepy")
             code = proc.stop()
             thread.join(T)
         assert "error" not in result, result.get("error")
