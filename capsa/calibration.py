@@ -40,6 +40,8 @@ from capsa.manifest import CALIBRATION_FILE
 if TYPE_CHECKING:
     import torch
 
+    from capsa._wrapper import WrappedModel
+
 __all__ = [
     "CALIBRATION_FILE",
     "CALIBRATION_FORMAT",
@@ -549,9 +551,9 @@ def _conformal_rank(m: int, coverage: float) -> int:
 
 
 def calibrate(
-    model: Any,
-    x: Any,
-    y: Any = None,
+    model: WrappedModel,
+    x: torch.Tensor | np.ndarray | Iterable[tuple[Any, Any]],
+    y: torch.Tensor | np.ndarray | None = None,
     *,
     coverage: float = 0.9,
     batch_size: int = 1024,
@@ -730,8 +732,8 @@ def write_calibration(
 
 def calibrate_bundle(
     path: str | os.PathLike[str],
-    x: Any,
-    y: Any,
+    x: np.ndarray,
+    y: np.ndarray,
     *,
     coverage: float = 0.9,
     out: str | os.PathLike[str] | None = None,

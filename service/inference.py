@@ -20,6 +20,7 @@ import orjson
 from pydantic import SecretStr
 
 from service.batching import ModelError, ServeError
+from service.calibrated import apply_calibration, check_calibrated_output, percentile_threshold
 from service.components import component_names, unknown_output
 from service.errors import ApiError
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
@@ -233,22 +234,32 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
             f"model '{mv.name}' takes one input named '{mv.input.name}', the request has {sorted(req.inputs)}"
         )
     threshold = risk_threshold(mv, req.parameters)
+    where = f"model '{mv.name}' version {mv.version}"
+    pthreshold = percentile_threshold(mv.calibration, mv.risk_percentile_threshold, req.parameters, where)
+    if pthreshold is not None:  # a calibrated model flags by risk percentile instead (service.calibrated)
+        threshold = None
+    flagging = threshold is not None or pthreshold is not None
     components = component_names(mv.meta)
+    calibrated = mv.calibration.outputs if mv.calibration is not None else ()
     if req.outputs is None:
-        wanted = [(n, req.binary_output) for n in (*OUTPUT_NAMES[: 4 if threshold is not None else 3], *components)]
+        wanted = [(n, req.binary_output)
+                  for n in (*OUTPUT_NAMES[: 4 if flagging else 3], *components, *calibrated)]
     else:
         wanted = [(o.name, o.binary) for o in req.outputs]
         for out_name, _ in wanted:
-            if out_name not in OUTPUT_NAMES and out_name not in components:
-                raise unknown_output(out_name, (*OUTPUT_NAMES, *components))
-            if out_name == "flagged" and threshold is None:
+            if out_name not in OUTPUT_NAMES and out_name not in components and out_name not in calibrated:
+                check_calibrated_output(mv.calibration, out_name, where)
+                raise unknown_output(out_name, (*OUTPUT_NAMES, *components, *calibrated))
+            if out_name == "flagged" and not flagging:
                 raise ProtocolError("output 'flagged' needs parameters.risk_threshold (the model sets none)")
     tensor = req.inputs[mv.input.name]
     check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
                     max_batch_size=mv.max_batch_size)
     pred, risk, score, flagged, served = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
                                                     ctx["request_id"], settings.retry_after_s, deadline_s)
-    tensors = {"prediction": pred, "risk": risk, "risk_score": score, **served}
+    by_percentile, extra = apply_calibration(mv, pred, risk, score, pthreshold, frozenset(n for n, _ in wanted))
+    flagged = flagged if by_percentile is None else by_percentile
+    tensors = {"prediction": pred, "risk": risk, "risk_score": score, **served, **extra}
     if flagged is not None:  # else "flagged" is not wanted (checked above)
         tensors["flagged"] = flagged
     return [(n, tensors[n], binary) for n, binary in wanted]
@@ -268,6 +279,10 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
         if parameters is not None and not isinstance(parameters, dict):
             raise ProtocolError("'parameters' must be an object")
         threshold = risk_threshold(mv, parameters)
+        pthreshold = percentile_threshold(mv.calibration, mv.risk_percentile_threshold, parameters,
+                                          f"model '{mv.name}' version {mv.version}")
+        if pthreshold is not None:  # a calibrated model flags by risk percentile instead (service.calibrated)
+            threshold = None
         instances = req["instances"]
         if len(instances) > mv.max_batch_size:
             raise ProtocolError(f"'instances': batch size {len(instances)} exceeds the model's max_batch_size "
@@ -276,7 +291,10 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
                            maybe_bools=b"true" in body or b"false" in body)
         pred, risk, score, flagged, served = await _run(mv, "instances", mv.input.datatype, array, threshold,
                                                         ctx["request_id"], settings.retry_after_s)
-        result = {"predictions": pred, "risk": risk, "risk_score": score}
+        names = frozenset(mv.calibration.outputs) if mv.calibration is not None else frozenset()
+        by_percentile, extra = apply_calibration(mv, pred, risk, score, pthreshold, names)
+        flagged = flagged if by_percentile is None else by_percentile
+        result = {"predictions": pred, "risk": risk, "risk_score": score, **extra}
         if flagged is not None:
             result["flagged"] = flagged
         result.update((n, served[n]) for n in component_names(mv.meta))

@@ -23,6 +23,7 @@ import orjson
 
 from capsa.manifest import BundleError, check_bundle, narrow_allowed
 from service.batching import Batcher
+from service.calibrated import ServedCalibration
 from service.metrics import VERSION_STATES, Metrics, VersionMetrics
 from service.model_config import ConfigError
 from service.protocol import DATATYPES
@@ -124,7 +125,19 @@ class ModelVersion:
         self.max_batch_size = int(config.max_batch_size)
         self.allow_non_finite = bool(config.allow_non_finite)
         self.risk_threshold: float | None = config.risk_threshold
+        try:  # a calibrated bundle serves risk percentiles and intervals or sets too (service.calibrated)
+            self.calibration = ServedCalibration.load(path, self.meta)
+        except ValueError as exc:
+            raise LoadError(str(exc)) from None
+        self.risk_percentile_threshold: float | None = getattr(config, "risk_percentile_threshold", None)
+        if self.risk_percentile_threshold is not None and self.calibration is None:
+            raise LoadError(f"{path}: config.json sets risk_percentile_threshold, but this version is not "
+                            "calibrated (capsa calibrate)")
         self.metrics: VersionMetrics = metrics.for_version(name, version)
+        if self.calibration is not None:
+            labels = (name, str(version))
+            self.calibration.bind_metrics(metrics.risk_percentile.labels(*labels),
+                                          metrics.risk_drift.labels(*labels), settings.drift_window)
         self.batcher = Batcher(
             max_batch_size=self.max_batch_size,
             max_batch_delay_s=float(config.max_batch_delay_ms) / 1000.0,

@@ -19,6 +19,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LABELS = ("model", "version")
 VERSION_STATES = ("ready", "loading", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: capsa_risk_percentile: uniform on normal traffic, so deciles, and finer where operators flag.
+_PERCENTILE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 _RISK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
 
 
@@ -73,6 +75,13 @@ class Metrics:
         self.risk_score = Histogram("capsa_risk_score",
                                     "Served per-sample risk scores (mean risk over non-batch dimensions).",
                                     _LABELS, buckets=_RISK_BUCKETS, registry=r)
+        self.risk_percentile = Histogram(
+            "capsa_risk_percentile", "Calibrated models: served risk percentiles (the share of calibration data "
+            "that was less risky; uniform on data like it).", _LABELS, buckets=_PERCENTILE_BUCKETS, registry=r)
+        self.risk_drift = Gauge(
+            "capsa_risk_drift", "Calibrated models: binomial z-score of the share of the last CAPSA_DRIFT_WINDOW "
+            "samples above the 0.9 risk percentile against the expected 10% (about N(0, 1) on normal traffic; "
+            "grows with drift and with the evidence for it).", _LABELS, registry=r)
         self.flagged = Counter("capsa_flagged", "Samples flagged as risky (risk_score above the threshold).",
                                _LABELS, registry=r)
         self.versions = Gauge("capsa_model_versions",

@@ -123,6 +123,11 @@ class ModelConfig(BaseModel):
     risk_threshold: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="Risk above which a prediction is flagged."
     )
+    risk_percentile_threshold: float | None = Field(
+        None, gt=0, lt=1, description="Calibrated bundles only: flag samples riskier than this share of the "
+                                      "calibration data (0.99 flags about 1% of normal traffic); takes precedence "
+                                      "over risk_threshold."
+    )
     allowed_modules: list[str] | None = Field(
         None, description="Narrows the server's CAPSA_ALLOWED_MODULES for this model (never widens it): module "
                           "prefixes or 'module:factory' entries (None: the server's list as it is)."

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
         "info", description="Log level of the JSON logs."
     )
     access_log: bool = Field(True, description="Write one JSON access log line per request.")
+    drift_window: int = Field(
+        1000, ge=10, description="Samples in the sliding window of capsa_risk_drift (calibrated models only): the "
+                                 "binomial z-score of the share of recent samples above the 0.9 risk percentile."
+    )
     demo: bool = Field(False, description="Build a small demo model into a local registry and serve it.")
     allowed_modules: str = Field(
         DEMO_ARCHITECTURE,

@@ -51,13 +51,17 @@ def model_metadata_of(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
         {"name": "flagged", "datatype": "BOOL", "shape": batch_only},
         *component_specs(mv.meta),  # a composed model's risk components (service.components)
     ]
+    parameters = {"max_batch_size": mv.max_batch_size, "risk_threshold": mv.risk_threshold,
+                  "wrapper": mv.meta.get("wrapper"), "state": mv.status()["state"]}
+    if mv.calibration is not None:  # a calibrated bundle: its extra outputs, coverage and sample count
+        outputs += mv.calibration.metadata(outputs[0])
+        parameters.update(mv.calibration.parameters(), risk_percentile_threshold=mv.risk_percentile_threshold)
     versions = sorted(manager.models.get(mv.name, {}))
     return ModelMetadata(
         name=mv.name, versions=[str(v) for v in versions], platform="pytorch_capsa",
         inputs=[TensorMetadata.model_validate(mv.input.as_dict())],
         outputs=[TensorMetadata.model_validate(o) for o in outputs],
-        parameters={"max_batch_size": mv.max_batch_size, "risk_threshold": mv.risk_threshold,
-                    "wrapper": mv.meta.get("wrapper"), "state": mv.status()["state"]},
+        parameters=parameters,
     )
 
 
