@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,8 @@ def apply_layer(module: nn.Module, x: Tensor, params: dict[str, Tensor]) -> Tens
         return F.linear(x, weight, bias)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(module.kernel_size)]
-        return fn(
-            x, weight, bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation
-        )
+        padding = cast(tuple[int, ...], module.padding)  # transposed convolutions refuse string paddings
+        return fn(x, weight, bias, module.stride, padding, module.output_padding, module.groups, module.dilation)
     if isinstance(module, nn.modules.conv._ConvNd):
         return module._conv_forward(x, weight, bias)
     raise TypeError(f"capsa cannot re-run a layer of type {type(module).__name__}")
@@ -56,6 +56,8 @@ def fresh_copies(module: nn.Module, n: int) -> dict[str, Tensor]:
 def _reinitialised(module: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Initialise `params` the way `module.reset_parameters` would, without touching the module."""
     shadow = copy.copy(module)
+    if not isinstance(shadow, (nn.Linear, nn.modules.conv._ConvNd)):
+        raise TypeError(f"capsa cannot re-initialise a layer of type {type(module).__name__}")
     shadow._parameters = {k: nn.Parameter(v, requires_grad=False) for k, v in params.items()}
     shadow.reset_parameters()
-    return {k: v.detach() for k, v in shadow._parameters.items()}
+    return {k: v.detach() for k, v in shadow._parameters.items() if v is not None}

@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -231,13 +231,15 @@ class WrappedModel(nn.Module):
         self.model = model
         self.capsa = nn.Module()
         self.__dict__["wrapper"] = wrapper.model_copy(update={"inner": model.wrapper}) if self.composed else wrapper
-        self._sites: list[str] | None = None
+        self._sites: list[str] = []  # the hooked layers, in call order (empty until built)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._built = False
         self._handed_out = False
         self._strict_load = True
         self._has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
-        self.register_state_dict_post_hook(_user_keys_unprefixed)
-        self.register_load_state_dict_pre_hook(WrappedModel._load_pre_hook)
+        # torch leaves these two registration methods unannotated
+        self.register_state_dict_post_hook(_user_keys_unprefixed)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(WrappedModel._load_pre_hook)  # type: ignore[no-untyped-call]
 
     # ----------------------------------------------------------------- public surface
     @property
@@ -392,7 +394,7 @@ class WrappedModel(nn.Module):
         except Exception:
             for handle in self._handles:
                 handle.remove()
-            self._sites = None
+            self._sites, self._handles = [], []
             raise
         self._built = True
 
@@ -515,7 +517,8 @@ class WrappedModel(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> WrappedModel:
         for wrapped in self.stack():
             wrapped.__dict__["_param_cache"] = {}  # .to()/.half() may replace parameter objects
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch; returns self
+        return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, creating capsa's lazy tensors from the checkpoint if needed."""
@@ -616,11 +619,11 @@ class OutputLayerModel(WrappedModel):
         return (self.group,)
 
     def site_state(self, name: str) -> nn.ParameterDict:
-        return getattr(self.capsa, self.group)[site_key(name)]
+        return cast(nn.ParameterDict, getattr(self.capsa, self.group)[site_key(name)])
 
     def site_params(self, name: str) -> dict[str, Tensor]:
         """`site_state(name)` as a plain dict, cached: looking it up through the modules costs on every call."""
-        cache = self.__dict__.setdefault("_param_cache", {})
+        cache: dict[str, dict[str, Tensor]] = self.__dict__.setdefault("_param_cache", {})
         params = cache.get(name)
         if params is None:
             params = cache[name] = dict(self.site_state(name).items())

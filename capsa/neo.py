@@ -16,7 +16,7 @@ the same hidden layers whatever it wraps (inside sample's passes, averaged over 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +49,20 @@ class NeoModel(WrappedModel):
 
     def _install(self, widths: dict[str, int]) -> None:
         ref = next(iter(self.user_model.get_submodule(next(iter(widths))).parameters()))
-        like = {"dtype": ref.dtype, "device": ref.device}
-        stats = {}
+        dtype, device = ref.dtype, ref.device
+        stats: dict[str, nn.Module] = {}
         for name, width in widths.items():
             stats[site_key(name)] = nn.ParameterDict({
-                "mean": nn.Parameter(torch.zeros(width, **like), requires_grad=False),
-                "var": nn.Parameter(torch.ones(width, **like), requires_grad=False),
+                "mean": nn.Parameter(torch.zeros(width, dtype=dtype, device=device), requires_grad=False),
+                "var": nn.Parameter(torch.ones(width, dtype=dtype, device=device), requires_grad=False),
             })
         total = sum(widths.values())
         latent = self.wrapper.latent_dim or max(1, total // 2)
-        encoder = fresh_copies(nn.Linear(total, latent, **like), 1)
-        decoder = fresh_copies(nn.Linear(latent, total, **like), 1)
+        encoder = fresh_copies(nn.Linear(total, latent, dtype=dtype, device=device), 1)
+        decoder = fresh_copies(nn.Linear(latent, total, dtype=dtype, device=device), 1)
         self.capsa.statistics = nn.ModuleDict(stats)
         self.capsa.autoencoder = nn.ParameterDict({
-            "steps": nn.Parameter(torch.zeros((), **like), requires_grad=False),
+            "steps": nn.Parameter(torch.zeros((), dtype=dtype, device=device), requires_grad=False),
             "encoder_weight": nn.Parameter(encoder["weight"][0]),
             "encoder_bias": nn.Parameter(encoder["bias"][0]),
             "decoder_weight": nn.Parameter(decoder["weight"][0]),
@@ -92,13 +92,23 @@ class NeoModel(WrappedModel):
                 f"({self.wrapper.to_spec()}) builds for these layers: {expected}"
             )
 
+    @property
+    def _statistics(self) -> nn.ModuleDict:
+        """Running mean/var per site (`capsa.statistics.<site>`), typed for the checker."""
+        return cast(nn.ModuleDict, self.capsa.statistics)
+
+    @property
+    def _autoencoder(self) -> nn.ParameterDict:
+        """The autoencoder's tensors and step count (`capsa.autoencoder`)."""
+        return cast(nn.ParameterDict, self.capsa.autoencoder)
+
     def _check_state(self, calls: dict[str, LayerCall]) -> None:
         sites = self._select_sites(list(calls.values()))
-        loaded = [site_name(k) for k in self.capsa.statistics]
+        loaded = [site_name(k) for k in self._statistics]
         if sorted(loaded) != sorted(sites):
             raise RuntimeError(f"capsa.neo: the checkpoint describes layers {loaded}, the model calls {sites}")
         # A checkpoint may list its keys in any order; the signature concatenates layers in call order.
-        stats = self.capsa.statistics
+        stats = self._statistics
         self.capsa.statistics = nn.ModuleDict({site_key(n): stats[site_key(n)] for n in sites})
 
     def _site_hook(
@@ -112,11 +122,11 @@ class NeoModel(WrappedModel):
         dim = feature_dim(module) % x.dim()
         pooled = [d for d in range(1, x.dim()) if d != dim]
         features = x.mean(dim=pooled) if pooled else x
-        stats = self.capsa.statistics[site_key(name)]
+        stats = cast(nn.ParameterDict, self._statistics[site_key(name)])
         if self.training:
             with torch.no_grad():
                 var, mean = torch.var_mean(features, dim=0, correction=0)
-                weight = torch.clamp(1.0 / (self.capsa.autoencoder["steps"] + 1.0), min=self.wrapper.momentum)
+                weight = torch.clamp(1.0 / (self._autoencoder["steps"] + 1.0), min=self.wrapper.momentum)
                 stats["mean"].lerp_(mean, weight)
                 stats["var"].lerp_(var, weight)
         state.extra[name] = (features - stats["mean"]) * torch.rsqrt(stats["var"] + 1e-4)
@@ -125,7 +135,7 @@ class NeoModel(WrappedModel):
         return ("statistics", "autoencoder")
 
     def _finish(self, out: Tensor, inner: Risk | None, state: _CallState) -> tuple[Tensor, Risk]:
-        ae = self.capsa.autoencoder
+        ae = self._autoencoder
         if self.training:
             with torch.no_grad():
                 ae["steps"].add_(1.0)
@@ -139,7 +149,9 @@ class NeoModel(WrappedModel):
 
 
 def _width(module: nn.Module) -> int:
-    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.weight.shape[1]
+    return cast(int, module.in_channels)  # a ConvNd (site selection admits only Linear and ConvNd)
 
 
 class NeoConfig(_wrapper.Wrapper):

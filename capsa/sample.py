@@ -104,7 +104,7 @@ class SampleModel(WrappedModel):
             features = call.output_shape[feature_dim(module)]
             generator = torch.Generator().manual_seed(self.wrapper.seed * 100_003 + index)
             masks = self.wrapper.distribution.noise((self.wrapper.n_samples, features), generator=generator)
-            weight = module.weight
+            weight = module.get_parameter("weight")
             self.capsa.register_buffer(site_key(name), masks.to(weight.device, weight.dtype), persistent=False)
         self._noise_sites = set(sites)
 

@@ -34,7 +34,7 @@ class Normal:
     name: ClassVar[str] = "Normal"
 
 
-_DISTRIBUTIONS: dict[str, type] = {"Normal": Normal}
+_DISTRIBUTIONS: dict[str, type[Normal]] = {"Normal": Normal}
 
 
 class SculptModel(OutputLayerModel):
@@ -91,7 +91,8 @@ class SculptConfig(_wrapper.Wrapper):
 
     def __init__(self, distribution: Any = Normal, /, **data: Any) -> None:
         """``sculpt.Wrapper(sculpt.Normal)`` as in capsa-torch: the distribution may come first, positionally."""
-        super().__init__(distribution=data.pop("distribution", distribution), **data)
+        # the pydantic plugin types super().__init__ with the base config's fields, which lack `distribution`
+        super().__init__(distribution=data.pop("distribution", distribution), **data)  # type: ignore[call-arg]
 
     @field_validator("task", mode="before")
     @classmethod
@@ -110,7 +111,7 @@ class SculptConfig(_wrapper.Wrapper):
         raise ValueError(f"capsa.sculpt: unknown distribution {value!r} (known: {', '.join(_DISTRIBUTIONS)})")
 
     @field_serializer("distribution")
-    def _distribution_name(self, value: type) -> str:
+    def _distribution_name(self, value: type[Normal]) -> str:
         return value.name
 
 

@@ -65,6 +65,8 @@ class VoteModel(OutputLayerModel):
         sculpt = self._sculpt
         if sculpt is not None:  # sculpt's hook ran first (it was built first) and holds voter 0's scale
             inner = sculpt._active_state()
+            if inner is None:
+                raise RuntimeError("capsa.vote: the inner sculpt layer ran outside its wrapped forward")
             heads = {k[len("scale_") :]: v for k, v in params.items() if k.startswith("scale_")}
             scales = sculpt.scale_from(apply_stacked(module, x, heads))
             base = inner.extra["scale"]
