@@ -220,7 +220,7 @@ def _resolve_factory(
     module: Any, architecture: str, allowed: list[str] | None, *, local_name: str | None = None
 ) -> Callable[..., Any]:
     """The factory named by ``architecture`` (one plain name, already checked), if it may be called."""
-    obj = getattr(module, architecture.partition(":")[2])
+    obj: Callable[..., Any] = getattr(module, architecture.partition(":")[2])  # callable: _factory_refusal
     problem = _factory_refusal(obj, architecture, allowed, local_name=local_name)
     if problem:
         raise _Refused(problem)
@@ -296,7 +296,8 @@ def _json_object(what: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be a dict, got {type(value).__name__}")
     try:
-        return json.loads(json.dumps(dict(value), allow_nan=False))
+        copied: dict[str, Any] = json.loads(json.dumps(dict(value), allow_nan=False))  # a dict in, a dict out
+        return copied
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
 

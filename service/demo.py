@@ -53,7 +53,7 @@ def train_demo(bundle_dir: Path, *, steps: int = 600, seed: int = 0) -> Path:
         idx = torch.randint(0, len(x), (256,))
         loss = torch.nn.functional.mse_loss(wrapped(x[idx]), y[idx])
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         optimizer.step()
     wrapped.eval()
     # Calibrated on fresh samples of the same toy (capsa.calibrate): 90% intervals, risk percentiles, drift gauge.
@@ -104,7 +104,7 @@ def writable_demo_root(cache_dir: str | None) -> Path:
     for root in candidates:
         if (root / DEMO_MODEL / "1" / "capsa.json").is_file():
             return root  # built before (or baked into the image): reading is enough
-    tried = []
+    tried: list[str] = []
     for root in candidates:
         reason = _writable_reason(root)
         if reason is None:

@@ -155,7 +155,7 @@ class ModelVersion:
         self._stuck: set[tuple[str, int]] = set()  # slots whose worker was declared stuck and not yet replaced
         self._worker_errors: dict[int, str] = {}  # worker id -> the load error it reported
         self._ready_ids: set[int] = set()
-        self._restarts: set[asyncio.Task] = set()
+        self._restarts: set[asyncio.Task[None]] = set()
         self.state = "LOADING"  # LOADING | READY | UNAVAILABLE (failed) | UNLOADING
         self.reason = ""
         self.problem = ""  # a later load found this version's files broken; the loaded copy keeps serving
@@ -244,8 +244,9 @@ class ModelVersion:
         if self.stopping:
             return
         slot = self._slot_of.get(worker.id)
-        self._failures.pop(slot, None)  # type: ignore[arg-type]
-        self._stuck.discard(slot)  # type: ignore[arg-type]
+        if slot is not None:
+            self._failures.pop(slot, None)
+            self._stuck.discard(slot)
         self._ready_ids.add(worker.id)
         self.served = True
         self.state = "READY"
@@ -388,18 +389,18 @@ class ModelManager:
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self._latest: dict[str, list[ModelVersion]] = {}  # versions, highest first
         self._locks: dict[str, asyncio.Lock] = {}
-        self._retiring: dict[asyncio.Task, ModelVersion] = {}
+        self._retiring: dict[asyncio.Task[None], ModelVersion] = {}
         self._pending: dict[str, tuple[object, list[ModelVersion]]] = {}  # loads waiting for warm-up
         self.load_errors: dict[tuple[str, int], str] = {}  # versions that could not be fetched, read or loaded
         self.model_errors: dict[str, str] = {}  # models that should be served but have no version to serve
         self._fingerprints: dict[str, str] = {}  # what the registry held when each model was last (un)loaded
         self._unloaded: set[str] = set()  # unloaded through the API: polling leaves them alone until they change
-        self._poller: asyncio.Task | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._warned_empty = False
         self.started = False
         metrics.before_render(self._export_states)
 
-    def registry(self) -> Any:
+    def registry(self) -> Registry:
         """A fresh registry view (so that load sees what was published since)."""
         return Registry(self.settings.model_repository, cache_dir=self.settings.cache_dir,
                         storage_options=self.settings.storage_options or None,
@@ -420,12 +421,12 @@ class ModelManager:
         if served is None:
             raise NotFound(f"model '{name}' is not served")
         try:
-            mv = served.get(int(version))
+            found = served.get(int(version))
         except ValueError:
-            mv = None
-        if mv is None:
+            found = None
+        if found is None:
             raise NotFound(f"model '{name}' has no served version '{version}'")
-        return mv
+        return found
 
     # ---------------------------------------------------------------- readiness
     def health(self) -> list[VersionHealth]:

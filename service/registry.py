@@ -213,7 +213,8 @@ class Registry:
 
     def _manifest_bytes(self, name: str, version: int) -> bytes:
         try:
-            return self._fs.cat_file(self._path(name, version, MANIFEST_FILE))
+            data: bytes = self._fs.cat_file(self._path(name, version, MANIFEST_FILE))  # fsspec is untyped
+            return data
         except FileNotFoundError:
             raise RegistryError(f"{self.root}: model {name!r} has no version {version}") from None
         except OSError as exc:
@@ -245,9 +246,13 @@ class Registry:
             manifest = manifest or self.manifest(name, version)
         except (BundleError, RegistryError) as exc:
             return str(exc)
-        lists = [(self.allowed_modules, ALLOWED_SETTING),
-                 (config.allowed_modules, f"allowed_modules in {self._url(name, CONFIG_FILE)}")]
-        for allowed, setting in [(a, s) for a, s in lists if a is not None] or [(None, "allowed_modules")]:
+        lists: list[tuple[list[str] | None, str]] = [
+            (self.allowed_modules, ALLOWED_SETTING),
+            (config.allowed_modules, f"allowed_modules in {self._url(name, CONFIG_FILE)}"),
+        ]
+        default: list[tuple[list[str] | None, str]] = [(None, "allowed_modules")]
+        chosen = [(a, s) for a, s in lists if a is not None] or default
+        for allowed, setting in chosen:
             refusal = architecture_refusal(manifest.architecture, allowed, setting=setting)
             if refusal:
                 return f"{self._url(name, version)}: {refusal}"
