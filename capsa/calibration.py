@@ -28,10 +28,11 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -60,6 +61,7 @@ RISK_LEVELS = 1001
 _ECE_BINS = 15
 
 Task = Literal["regression", "classification"]
+_T = TypeVar("_T")
 
 
 class CalibrationError(ValueError):
@@ -126,7 +128,8 @@ class Calibration:
         self._need("regression", "predictive_std")
         r, back = _as_numpy(_total(risk))
         self._check_sample_shape("risk", r)
-        return back(np.sqrt(self.scale_a * r.astype(np.float64) ** 2 + self.scale_b))
+        a, b = self._fitted(self.scale_a, "scale_a"), self._fitted(self.scale_b, "scale_b")
+        return back(np.sqrt(a * r.astype(np.float64) ** 2 + b))
 
     def interval(self, prediction: Any, risk: Any) -> tuple[Any, Any]:
         """Regression: ``(lower, upper) = prediction -+ q * std``, the interval at the calibrated coverage."""
@@ -135,7 +138,8 @@ class Calibration:
         r, _ = _as_numpy(_total(risk))
         self._check_sample_shape("prediction", p)
         self._check_sample_shape("risk", r)
-        half = self.quantile * np.sqrt(self.scale_a * r.astype(np.float64) ** 2 + self.scale_b)
+        a, b = self._fitted(self.scale_a, "scale_a"), self._fitted(self.scale_b, "scale_b")
+        half = self._fitted(self.quantile, "quantile") * np.sqrt(a * r.astype(np.float64) ** 2 + b)
         p64 = p.astype(np.float64)
         return back(p64 - half), back(p64 + half)
 
@@ -177,10 +181,17 @@ class Calibration:
         return out
 
     def _probs(self, p: np.ndarray) -> np.ndarray:
-        z = p.astype(np.float64) / self.temperature
+        z = p.astype(np.float64) / self._fitted(self.temperature, "temperature")
         z = z - z.max(axis=self.class_dim, keepdims=True)
         e = np.exp(z)
-        return e / e.sum(axis=self.class_dim, keepdims=True)
+        probs: np.ndarray = e / e.sum(axis=self.class_dim, keepdims=True)
+        return probs
+
+    def _fitted(self, value: _T | None, name: str) -> _T:
+        """A fitted parameter of this calibration's task (None only in a record missing it)."""
+        if value is None:
+            raise CalibrationError(f"this {self.task} calibration has no {name}")
+        return value
 
     def _need(self, task: str, what: str) -> None:
         if self.task != task:
@@ -215,7 +226,8 @@ class Calibration:
         """The array part, by name (float64, contiguous)."""
         out = {"risk_quantiles": self.risk_quantiles}
         if self.task == "regression":
-            out.update(scale_a=self.scale_a, scale_b=self.scale_b, quantile=self.quantile)
+            out.update(scale_a=self._fitted(self.scale_a, "scale_a"), scale_b=self._fitted(self.scale_b, "scale_b"),
+                       quantile=self._fitted(self.quantile, "quantile"))
         return {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in out.items()}
 
     def to_parts(self, *, weights_sha256: str | None = None) -> tuple[dict[str, Any], bytes]:
@@ -333,7 +345,8 @@ def _percentile(quantiles: np.ndarray, scores: np.ndarray) -> np.ndarray:
     frac = np.where(inside & (width > 0), (scores - left) / np.where(width > 0, width, 1.0), 0.0)
     level = np.where(hi >= k, k - 1.0, np.where(hi == 0, 0.0, lo_idx + frac))
     level = np.where(np.isnan(scores), np.nan, level)
-    return np.clip(level / (k - 1), 0.0, 1.0)
+    clipped: np.ndarray = np.clip(level / (k - 1), 0.0, 1.0)
+    return clipped
 
 
 def _total(risk: Any) -> Any:
@@ -506,7 +519,7 @@ def _fit_scale(err2: Any, r2: Any) -> tuple[Any, Any]:
         return loss
 
     with torch.enable_grad():
-        optimizer.step(closure)
+        optimizer.step(closure)  # type: ignore[no-untyped-call]  # LBFGS.step is unannotated in torch
     a, b = params.detach().clamp(-60, 60).exp()
     return a, b + floor
 
@@ -522,11 +535,11 @@ def _fit_temperature(logits: Any, y: Any) -> float:
     def closure() -> Any:
         optimizer.zero_grad()
         loss = F.cross_entropy(logits / log_t.clamp(-10, 10).exp(), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         return loss
 
     with torch.enable_grad():
-        optimizer.step(closure)
+        optimizer.step(closure)  # type: ignore[no-untyped-call]  # LBFGS.step is unannotated in torch
     return float(log_t.detach().clamp(-10, 10).exp())
 
 
@@ -612,7 +625,7 @@ def calibrate(
         std = torch.sqrt(a * r2[conf] + b)
         score = (target[conf] - pred[conf]).abs() / std
         q = torch.sort(score, dim=0).values[k - 1]
-        z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + coverage / 2, dtype=torch.float64)))
+        z = statistics.NormalDist().inv_cdf(0.5 + coverage / 2)
         raw = risk[conf].clamp_min(1e-12)
         err = (target[conf] - pred[conf]).abs()
         report["before"] = {

@@ -116,7 +116,7 @@ class ServedCalibration:
 
     def percentile(self, score: np.ndarray) -> np.ndarray:
         """``risk_percentile`` (FP32 ``[N]``) of the served risk scores."""
-        return self.calibration.risk_percentile(np.asarray(score, dtype=np.float64)).astype(np.float32)
+        return np.asarray(self.calibration.risk_percentile(np.asarray(score, dtype=np.float64)), dtype=np.float32)
 
     def compute(self, names: set[str] | frozenset[str], prediction: np.ndarray, risk: np.ndarray,
                 percentile: np.ndarray) -> dict[str, np.ndarray]:

@@ -622,7 +622,7 @@ def test_local_architecture_allowed_as_architecture(tmp_path: Path, base_bundle:
     shutil.copytree(base_bundle[0], path)
     _local("from tests.fixtures.archs import mlp\n")(path)
     # The factory is defined in tests.fixtures.archs, not in the bundle's code: that module must be allowed too.
-    with pytest.raises(BundleError, match="defined in 'tests.fixtures.archs', which is outside allowed_modules"):
+    with pytest.raises(BundleError, match=r"defined in 'tests\.fixtures\.archs', which is outside allowed_modules"):
         load_bundle(path, allowed_modules=["architecture"])
     assert capsa.is_wrapped(load_bundle(path, allowed_modules=["architecture", "tests.fixtures.archs"]))
 
