@@ -45,15 +45,16 @@ capsa_engine_start() {
             --exec-root "$CAPSA_CI_DIR/run/exec" --pidfile "$CAPSA_CI_DIR/run/dockerd.pid" \
             --bridge=none --iptables=false --ip6tables=false --storage-driver=overlay2 \
             >"$CAPSA_CI_DIR/run/dockerd.log" 2>&1 </dev/null &
-        _capsa_started_dockerd=$!
+        local launcher=$!   # a subshell (or sudo) around dockerd: the daemon's own pid comes from its pidfile
         local deadline=$((SECONDS + 60))
         until docker version >/dev/null 2>&1; do
-            if ! kill -0 "$_capsa_started_dockerd" 2>/dev/null || [ $SECONDS -gt $deadline ]; then
+            if ! kill -0 "$launcher" 2>/dev/null || [ $SECONDS -gt $deadline ]; then
                 echo "dockerd did not start; its log:" >&2; tail -n 30 "$CAPSA_CI_DIR/run/dockerd.log" >&2
                 return 1
             fi
             sleep 0.5
         done
+        _capsa_started_dockerd="$(cat "$CAPSA_CI_DIR/run/dockerd.pid")"
         _capsa_log "dockerd started (pid $_capsa_started_dockerd, data root $CAPSA_CI_DIR/docker)"
     fi
     export CAPSA_DOCKER_HOST="$DOCKER_HOST"
@@ -151,7 +152,10 @@ capsa_container_cleanup() {
     if [ -n "$_capsa_started_dockerd" ]; then
         _capsa_log "stopping dockerd (pid $_capsa_started_dockerd)"
         _capsa_sudo kill "$_capsa_started_dockerd" 2>/dev/null || true
-        local deadline=$((SECONDS + 30))
+        local deadline=$((SECONDS + 60))
         while kill -0 "$_capsa_started_dockerd" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
+        if kill -0 "$_capsa_started_dockerd" 2>/dev/null; then
+            echo "dockerd (pid $_capsa_started_dockerd) did not stop within 60 s" >&2
+        fi
     fi
 }
