@@ -20,6 +20,8 @@ from capsa.manifest import CALIBRATION_FILE, MANIFEST_FILE, WEIGHTS_FILE, Bundle
 from tests.fixtures.archs import mlp
 
 ARCHS = "tests.fixtures.archs"
+#: Subprocesses and servers get PYTHONPATH, so save_bundle's importability warning does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:save_bundle.*importable only:UserWarning")
 ROOT = Path(__file__).parents[2]
 
 

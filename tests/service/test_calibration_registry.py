@@ -14,6 +14,9 @@ from capsa.manifest import CALIBRATION_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from service.registry import Registry, RegistryError, publish
 from tests.fixtures.archs import mlp
 
+#: Subprocesses and servers get PYTHONPATH, so save_bundle's importability warning does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:save_bundle.*importable only:UserWarning")
+
 
 def calibrated_bundle(path: Path) -> Path:
     torch.manual_seed(0)

@@ -26,6 +26,8 @@ from tests.fixtures.archs import mlp
 from tests.service.conftest import ServerProcess, metric
 
 IN = 8
+#: Subprocesses and servers get PYTHONPATH, so save_bundle's importability warning does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:save_bundle.*importable only:UserWarning")
 TIMEOUT = 60.0
 
 
