@@ -141,6 +141,12 @@ class PredictResponse(BaseModel):
     risk_aleatoric: list[Any] | None = None
     risk_epistemic: list[Any] | None = None
     risk_novelty: list[Any] | None = None
+    #: A calibrated bundle (capsa.calibrate): risk percentiles and intervals (regression) or sets (classification).
+    risk_percentile: list[float] | None = None
+    interval_lower: list[Any] | None = None
+    interval_upper: list[Any] | None = None
+    probabilities: list[Any] | None = None
+    prediction_set: list[Any] | None = None
 
 
 class RepositoryIndexRequest(BaseModel):

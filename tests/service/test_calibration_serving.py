@@ -106,6 +106,7 @@ def infer(url: str, model: str, x: np.ndarray, **request: Any) -> dict[str, np.n
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+@pytest.mark.slow
 def test_metadata_lists_the_calibrated_outputs(served: dict[str, Any]) -> None:
     reg = httpx.get(f"{served['url']}/v2/models/reg", timeout=TIMEOUT).json()
     outputs = {o["name"]: o for o in reg["outputs"]}
@@ -122,6 +123,7 @@ def test_metadata_lists_the_calibrated_outputs(served: dict[str, Any]) -> None:
     assert "calibration" not in plain["parameters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["sculpt", "sample", "composed"])
 def test_served_intervals_cover_for_every_wrapper(served: dict[str, Any], model: str) -> None:
     x, y = regression_data(10000, seed=3)
@@ -132,6 +134,7 @@ def test_served_intervals_cover_for_every_wrapper(served: dict[str, Any], model:
     assert abs(float((got["risk_percentile"] > 0.9).mean()) - 0.10) <= 0.03
 
 
+@pytest.mark.slow
 def test_served_intervals_cover_and_match_the_library(served: dict[str, Any]) -> None:
     x, y = regression_data(10000, seed=3)
     got = infer(served["url"], "reg", x)
@@ -146,6 +149,7 @@ def test_served_intervals_cover_and_match_the_library(served: dict[str, Any]) ->
         np.testing.assert_allclose(got[name][:500], expected[name].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_served_prediction_sets_cover(served: dict[str, Any]) -> None:
     x, y = class_data(10000, seed=4)
     got = infer(served["url"], "cls", x, outputs=[{"name": "prediction_set"}, {"name": "probabilities"}])
@@ -156,6 +160,7 @@ def test_served_prediction_sets_cover(served: dict[str, Any]) -> None:
     np.testing.assert_allclose(got["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_flagging_by_percentile_and_drift(served: dict[str, Any]) -> None:
     url = served["url"]
     normal, _ = regression_data(3000, seed=5)
@@ -178,6 +183,7 @@ def test_flagging_by_percentile_and_drift(served: dict[str, Any]) -> None:
     assert np.array_equal(np.array(v1["flagged"]), np.array(v1["risk_percentile"]) > 0.5)
 
 
+@pytest.mark.slow
 def test_uncalibrated_models_refuse_calibrated_requests(served: dict[str, Any]) -> None:
     url = served["url"]
     x = np.zeros((2, IN), np.float32)
@@ -226,6 +232,7 @@ def test_calibrated_version_with_a_damaged_calibration_is_unavailable(tmp_path: 
         ServedCalibration.load(bundle, meta)
 
 
+@pytest.mark.slow
 def test_grpc_serves_the_calibrated_outputs(served: dict[str, Any]) -> None:
     import tritonclient.grpc as tg
 
