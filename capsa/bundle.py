@@ -42,6 +42,7 @@ from capsa.manifest import (
     KEY_ORDER,
     LOCAL_MODULE,
     MANIFEST_FILE,
+    V2_DATATYPES,
     WEIGHTS_FILE,
     BundleError,
     BundleManifest,
@@ -82,18 +83,9 @@ __all__ = [
     "save_bundle",
 ]
 
-#: The torch dtype of each KServe V2 datatype a signature may name.
-DATATYPES: dict[str, torch.dtype] = {  # keys: DATATYPE_NAMES
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-    "FP16": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT64": torch.int64,
-    "INT32": torch.int32,
-    "INT16": torch.int16,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "BOOL": torch.bool,
+#: The torch dtype of each KServe V2 datatype a signature may name (from `capsa.manifest.V2_DATATYPES`).
+DATATYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, dt.torch) for name, dt in V2_DATATYPES.items() if dt.torch is not None
 }
 _DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 

@@ -16,7 +16,7 @@ import struct
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -26,9 +26,12 @@ __all__ = [
     "DATATYPE_NAMES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "SERVED_DATATYPES",
+    "V2_DATATYPES",
     "WEIGHTS_FILE",
     "BundleError",
     "BundleManifest",
+    "Datatype",
     "TensorSpec",
     "architecture_allowed",
     "architecture_refusal",
@@ -52,8 +55,39 @@ KEY_ORDER = "capsa_key_order"
 #: The module name bundle-local code has (for ``architecture`` strings and ``allowed_modules``).
 LOCAL_MODULE = "architecture"
 
+
+
+class Datatype(NamedTuple):
+    """How capsa carries one KServe V2 datatype (`V2_DATATYPES`)."""
+
+    #: The numpy dtype string of its little-endian elements on the wire; None: numpy has none (BF16).
+    numpy: str | None
+    #: The torch dtype's attribute name (``torch.<name>``); None: a bundle's signature may not use it.
+    torch: str | None
+
+
+#: The one table of KServe V2 datatypes (torch-free): `capsa.bundle` derives its torch dtypes from it, the server
+#: (`service.protocol`) its numpy dtypes. A datatype without a numpy dtype can be saved in a bundle but not served.
+V2_DATATYPES: dict[str, Datatype] = {
+    "FP32": Datatype("<f4", "float32"),
+    "FP64": Datatype("<f8", "float64"),
+    "FP16": Datatype("<f2", "float16"),
+    "BF16": Datatype(None, "bfloat16"),
+    "INT64": Datatype("<i8", "int64"),
+    "INT32": Datatype("<i4", "int32"),
+    "INT16": Datatype("<i2", "int16"),
+    "INT8": Datatype("|i1", "int8"),
+    "UINT8": Datatype("|u1", "uint8"),
+    "BOOL": Datatype("|b1", "bool"),
+    "UINT16": Datatype("<u2", None),
+    "UINT32": Datatype("<u4", None),
+    "UINT64": Datatype("<u8", None),
+}
+
 #: KServe V2 datatype names a bundle's signature may use.
-DATATYPE_NAMES: tuple[str, ...] = ("FP32", "FP64", "FP16", "BF16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL")
+DATATYPE_NAMES: tuple[str, ...] = tuple(name for name, dt in V2_DATATYPES.items() if dt.torch is not None)
+#: The datatypes the server can decode and encode (those with a numpy dtype).
+SERVED_DATATYPES: tuple[str, ...] = tuple(name for name, dt in V2_DATATYPES.items() if dt.numpy is not None)
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _ARCH_RE = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT}(?:\.{_IDENT})*)$")

@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from capsa.manifest import BundleError, check_bundle, narrow_allowed
+from capsa.manifest import (
+    DATATYPE_NAMES,
+    MANIFEST_FILE,
+    SERVED_DATATYPES,
+    BundleError,
+    TensorSpec,
+    check_bundle,
+    narrow_allowed,
+    parse_manifest,
+)
 from service.batching import Batcher
 from service.calibrated import ServedCalibration
 from service.metrics import VERSION_STATES, Metrics, VersionMetrics
@@ -69,37 +76,29 @@ def resolve_devices(spec: str) -> list[str]:
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a model's signature."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The V2 metadata form."""
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
 def read_signature(path: Path) -> tuple[TensorSpec, TensorSpec, dict[str, Any]]:
-    """Read the input and ``prediction`` specs of a bundle from its capsa.json (no model code is imported)."""
+    """The input and ``prediction`` specs of a bundle and its capsa.json as a dict, read through
+    `capsa.manifest.parse_manifest` (no model code is imported); `LoadError` when capsa-serve cannot serve it."""
     try:
-        meta = orjson.loads((path / "capsa.json").read_bytes())
-        inputs = [TensorSpec(t["name"], t["datatype"], list(t["shape"])) for t in meta["inputs"]]
-        outputs = {t["name"]: TensorSpec(t["name"], t["datatype"], list(t["shape"])) for t in meta["outputs"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LoadError(f"{path}: cannot read the signature in capsa.json: {exc}") from exc
-    if len(inputs) != 1:
-        raise LoadError(f"{path}: capsa models take exactly one input, capsa.json lists {len(inputs)}")
-    if inputs[0].datatype not in DATATYPES:
-        raise LoadError(f"{path}: input datatype {inputs[0].datatype} is not supported")
-    if not inputs[0].shape:
+        manifest = parse_manifest((path / MANIFEST_FILE).read_bytes(), source=str(path))
+    except OSError as exc:
+        raise LoadError(f"{path}: cannot read {MANIFEST_FILE}: {exc}") from exc
+    except BundleError as exc:
+        raise LoadError(str(exc)) from None
+    if len(manifest.inputs) != 1:
+        raise LoadError(f"{path}: capsa models take exactly one input, capsa.json lists {len(manifest.inputs)}")
+    unserved = [f"{kind} '{t.name}' is {t.datatype}"
+                for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs))
+                for t in specs if t.datatype not in SERVED_DATATYPES]
+    if unserved:
+        servable = [n for n in DATATYPE_NAMES if n in SERVED_DATATYPES]
+        raise LoadError(f"{path}: {'; '.join(unserved)}, which capsa-serve does not serve (it serves "
+                        f"{', '.join(servable)}); save the bundle with a model in one of those")
+    if not manifest.inputs[0].shape:
         raise LoadError(f"{path}: the input has no batch dimension")
-    prediction = outputs.get("prediction") or next(iter(outputs.values()), None)
-    if prediction is None:
-        raise LoadError(f"{path}: capsa.json lists no outputs")
-    return inputs[0], prediction, meta
+    outputs = {t.name: t for t in manifest.outputs}
+    prediction = outputs.get("prediction") or manifest.outputs[0]
+    return manifest.inputs[0], prediction, manifest.model_dump()
 
 
 class ModelVersion:

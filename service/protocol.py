@@ -16,20 +16,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-#: V2 datatype name -> little-endian numpy dtype (BYTES and BF16 are not served by capsa models).
+from capsa.manifest import V2_DATATYPES
+
+#: V2 datatype name -> little-endian numpy dtype, from `capsa.manifest.V2_DATATYPES` (BYTES and BF16 have none:
+#: capsa-serve does not serve them).
 DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+    name: np.dtype(dt.numpy) for name, dt in V2_DATATYPES.items() if dt.numpy is not None
 }
 _NAMES_BY_KIND: dict[tuple[str, int], str] = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
 

@@ -59,7 +59,7 @@ def model_metadata_of(manager: ModelManager, mv: ModelVersion) -> ModelMetadata:
     versions = sorted(manager.models.get(mv.name, {}))
     return ModelMetadata(
         name=mv.name, versions=[str(v) for v in versions], platform="pytorch_capsa",
-        inputs=[TensorMetadata.model_validate(mv.input.as_dict())],
+        inputs=[TensorMetadata.model_validate(mv.input.model_dump())],
         outputs=[TensorMetadata.model_validate(o) for o in outputs],
         parameters=parameters,
     )
