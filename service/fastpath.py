@@ -22,7 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, body_too_large, internal_error
-from service.inference import check_infer_token, json_body_limit, lookup, shed, v1_predict, v2_infer
+from service.inference import body_limit, check_infer_token, lookup, read_body, shed, v1_predict, v2_infer
 from service.logging import AccessLog
 from service.protocol import request_id_problem
 
@@ -38,8 +38,7 @@ class ServingMiddleware:
         self.state = state  # the FastAPI app's state: settings, manager (set by the lifespan)
         self.settings = state.settings
         self.limit = self.settings.max_request_bytes
-        self.json_limit = json_body_limit(self.settings)
-        self.json_named = self.json_limit < self.limit  # which setting a JSON 413 names
+        self.json_limit, self.json_named = body_limit(self.settings, json=True)  # json_named: which setting a 413 names
         self.access: AccessLog | None = state.access_log
         #: Serve the inference paths right here (False: let the FastAPI routes of the same paths serve them; tests
         #: compare the two).
@@ -93,8 +92,7 @@ class ServingMiddleware:
                 except ApiError as exc:  # answered after the token check: no model names to strangers
                     not_found = exc
                 if route[0] == "v1" or header_length is None:  # binary V2 may use the whole limit
-                    limit = self.json_limit
-                    json = self.json_named
+                    limit, json = self.json_limit, self.json_named
             try:
                 if bad_id:
                     raise ApiError(400, bad_id)
@@ -106,7 +104,7 @@ class ServingMiddleware:
                         raise not_found
                     assert mv is not None
                     shed(mv, self.settings, ctx["request_id"])
-                    body = await self._body(receive, limit, json)
+                    body = await read_body(receive, limit, json)
             except ApiError as exc:
                 if mv is not None:
                     mv.metrics.failure.inc()
@@ -140,31 +138,6 @@ class ServingMiddleware:
                     "status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                     "client": scope["client"][0] if scope.get("client") else None,
                 })
-
-    async def _body(self, receive: Receive, limit: int, json: bool) -> bytes:
-        """Read the whole body, refusing more than ``limit`` even without a Content-Length.
-
-        A client that sends too slowly is cut off by the connection's body deadline (:mod:`service.edge`): this
-        loop then sees the disconnect.
-        """
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        if len(body) > limit:
-            raise body_too_large(limit, json)
-        if not message.get("more_body", False):
-            return body
-        chunks = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "the client disconnected before sending the whole body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise body_too_large(limit, json)
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     @staticmethod
     async def _error(send: Send, exc: ApiError) -> None:

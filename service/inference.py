@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import orjson
 from pydantic import SecretStr
+from starlette.types import Receive
 
 from service.batching import ModelError, ServeError
 from service.calibrated import apply_calibration, check_calibrated_output, percentile_threshold
 from service.components import component_names, unknown_output
-from service.errors import ApiError
+from service.errors import ApiError, body_too_large
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
 from service.protocol import (
     InferRequest,
@@ -68,6 +69,42 @@ def check_admin_token(settings: Settings, authorization: str | None) -> None:
 def json_body_limit(settings: Settings) -> int:
     """The body limit of JSON requests: CAPSA_MAX_JSON_REQUEST_BYTES, or CAPSA_MAX_REQUEST_BYTES if lower."""
     return min(settings.max_json_request_bytes, settings.max_request_bytes)
+
+
+def body_limit(settings: Settings, json: bool) -> tuple[int, bool]:
+    """``(limit, names_json)`` for a request body: JSON bodies (V1, V2 without binary data) get `json_body_limit`,
+    binary V2 the whole CAPSA_MAX_REQUEST_BYTES; ``names_json``: a 413 names the JSON setting (the lower one)."""
+    if not json:
+        return settings.max_request_bytes, False
+    limit = json_body_limit(settings)
+    return limit, limit < settings.max_request_bytes
+
+
+async def read_body(receive: Receive, limit: int, json: bool = False) -> bytes:
+    """The whole body from the ASGI ``receive``, refusing (413) more than ``limit`` even without a Content-Length
+    (``json``: the 413 names the JSON setting). The one body reader of the HTTP edge (middleware and routes).
+
+    A client that sends too slowly is cut off by the connection's body deadline (:mod:`service.edge`): this
+    loop then sees the disconnect.
+    """
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if len(body) > limit:
+        raise body_too_large(limit, json)
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit, json)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def lookup(manager: ModelManager, name: str, version: str | None) -> ModelVersion:

@@ -7,7 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import body_too_large
+from service import inference
 from service.inference import check_admin_token, check_infer_token
 from service.manager import ModelManager
 from service.metrics import Metrics
@@ -54,11 +54,4 @@ InferAuth = Depends(require_infer_token)
 async def read_body(request: Request, limit: int, json: bool = False) -> bytes:
     """The request body, refusing (413) more than ``limit`` bytes even without a Content-Length (``json``: the
     limit is CAPSA_MAX_JSON_REQUEST_BYTES, for the message)."""
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise body_too_large(limit, json)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await inference.read_body(request.receive, limit, json)

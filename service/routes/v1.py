@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.errors import ApiError
-from service.inference import json_body_limit, lookup, shed, v1_predict
+from service.inference import body_limit, lookup, shed, v1_predict
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
 from service.routes.v2 import ERRORS
 from service.schemas import PredictRequest, PredictResponse, request_body
@@ -22,8 +22,7 @@ async def predict(model_name: str, request: Request, manager: ManagerDep, settin
     mv = lookup(manager, model_name, None)
     try:
         shed(mv, settings, ctx["request_id"])
-        body = await read_body(request, json_body_limit(settings),
-                               json_body_limit(settings) < settings.max_request_bytes)
+        body = await read_body(request, *body_limit(settings, json=True))
     except ApiError:
         mv.metrics.failure.inc()
         raise

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from service import __version__
 from service.components import component_specs
 from service.errors import ApiError
-from service.inference import json_body_limit, lookup, shed, v2_infer
+from service.inference import body_limit, lookup, shed, v2_infer
 from service.manager import ModelManager, ModelVersion
 from service.protocol import HEADER_LENGTH
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
@@ -112,9 +112,7 @@ async def _infer(request: Request, manager: ModelManager, settings: Settings, na
     header_length = request.headers.get(HEADER_LENGTH)
     try:
         shed(mv, settings, ctx["request_id"])
-        json = header_length is None
-        body = await read_body(request, json_body_limit(settings) if json else settings.max_request_bytes,
-                               json and json_body_limit(settings) < settings.max_request_bytes)
+        body = await read_body(request, *body_limit(settings, json=header_length is None))
     except ApiError:
         mv.metrics.failure.inc()
         raise
