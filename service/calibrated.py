@@ -177,12 +177,7 @@ def apply_calibration(mv: Any, pred: np.ndarray, risk: np.ndarray, score: np.nda
         return None, {}
     percentile = calibration.percentile(score)
     calibration.observe(percentile)
-    flagged = None
-    if pthreshold is not None:
-        flagged = percentile > pthreshold
-        n_flagged = int(np.count_nonzero(flagged))
-        if n_flagged:
-            mv.metrics.flagged.inc(n_flagged)
+    flagged = mv.metrics.flag(percentile, pthreshold)
     return flagged, calibration.compute(names, pred, risk, percentile)
 
 

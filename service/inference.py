@@ -221,14 +221,8 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     refused = _not_finite(name, pred, risk, score, tuple(components.values()))
     if refused is not None:
         raise refused
-    m = mv.metrics
-    m.observe_risk(score)
-    flagged = None
-    if threshold is not None:
-        flagged = score > threshold
-        n_flagged = int(np.count_nonzero(flagged))
-        if n_flagged:
-            m.flagged.inc(n_flagged)
+    mv.metrics.observe_risk(score)
+    flagged = mv.metrics.flag(score, threshold)
     missing = [n for n in component_names(mv.meta) if n not in components]
     if missing:  # capsa.json and the model disagree: a damaged or hand-edited bundle
         raise ApiError(500, f"model '{mv.name}' version {mv.version}: the model returned no {missing} although "

@@ -45,6 +45,17 @@ class VersionMetrics:
         for value in scores[np.isfinite(scores)].tolist():
             self.risk_score.observe(value)
 
+    def flag(self, values: np.ndarray, threshold: float | None) -> np.ndarray | None:
+        """``values > threshold`` per sample (None without a threshold), counting the flagged ones in
+        ``capsa_flagged_total``: the one flagging rule, by risk score or by calibrated percentile."""
+        if threshold is None:
+            return None
+        flagged: np.ndarray = values > threshold
+        n_flagged = int(np.count_nonzero(flagged))
+        if n_flagged:
+            self.flagged.inc(n_flagged)
+        return flagged
+
 
 class Metrics:
     """All metrics of one server."""
