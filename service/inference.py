@@ -332,6 +332,19 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
         return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+async def admit(mv: ModelVersion, settings: Settings, request_id: str, receive: Receive | None = None,
+                limit: int = 0, json: bool = False) -> bytes:
+    """Admit a request to ``mv``: shed it when the version is saturated, then read its body from ``receive``
+    under ``limit`` (HTTP; gRPC has it already, and gets ``b""``). A refusal counts as a failure of the version;
+    from here on `accounted` counts the request."""
+    try:
+        shed(mv, settings, request_id)
+        return b"" if receive is None else await read_body(receive, limit, json)
+    except ApiError:
+        mv.metrics.failure.inc()
+        raise
+
+
 @contextlib.contextmanager
 def accounted(mv: ModelVersion) -> Iterator[None]:
     """Count the request as a success or failure of its model version, time it, and answer 400 to bad input."""

@@ -35,12 +35,12 @@ from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.inference import (
     accounted,
+    admit,
     check_admin_token,
     check_infer_token,
     infer,
     load_model,
     lookup,
-    shed,
     unload_model,
 )
 from service.manager import ModelManager, ModelVersion
@@ -245,11 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             settings = self.settings
             check_infer_token(settings, md.get("authorization"))
             mv = lookup(self.manager, request.model_name, request.model_version or None)
-            try:
-                shed(mv, settings, ctx["request_id"])
-            except ApiError:
-                mv.metrics.failure.inc()
-                raise
+            await admit(mv, settings, ctx["request_id"])
             with accounted(mv):
                 req = decode_request(request)
                 remaining = context.time_remaining()

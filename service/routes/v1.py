@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.errors import ApiError
-from service.inference import body_limit, lookup, shed, v1_predict
-from service.routes.deps import InferAuth, ManagerDep, SettingsDep, read_body
+from service.inference import admit, body_limit, lookup, v1_predict
+from service.routes.deps import InferAuth, ManagerDep, SettingsDep
 from service.routes.v2 import ERRORS
 from service.schemas import PredictRequest, PredictResponse, request_body
 
@@ -20,10 +19,5 @@ async def predict(model_name: str, request: Request, manager: ManagerDep, settin
     ``risk_score`` (and ``flagged`` when a risk threshold is set; a composed model's risk components too)."""
     ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
     mv = lookup(manager, model_name, None)
-    try:
-        shed(mv, settings, ctx["request_id"])
-        body = await read_body(request, *body_limit(settings, json=True))
-    except ApiError:
-        mv.metrics.failure.inc()
-        raise
+    body = await admit(mv, settings, ctx["request_id"], request.receive, *body_limit(settings, json=True))
     return Response(await v1_predict(mv, settings, ctx, body), media_type="application/json")
