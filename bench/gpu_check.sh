@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 echo "== capsa CUDA tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/capsa/test_wrappers.py -k cuda 2>&1 | tail -4
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/capsa/test_wrappers.py tests/capsa/test_composition.py -k cuda 2>&1 | tail -4
 
 echo "== batch invariance on CUDA with and without TF32 (max relative difference, alone vs in a batch of 64)"
 timeout 120 python3 - <<'PY'

@@ -35,6 +35,7 @@ WRAPPERS = {
     "sample": lambda: capsa.sample.Wrapper(n_samples=4),
     "sculpt": lambda: capsa.sculpt.Wrapper(),
     "neo": lambda: capsa.neo.Wrapper(latent_dim=4),
+    "vote_sculpt": lambda: lambda m: capsa.vote.Wrapper(n_voters=5)(capsa.sculpt.Wrapper()(m)),  # composed
 }
 
 
@@ -91,6 +92,11 @@ def main() -> int:
             x = rng.standard_normal((5, 64)).astype(np.float32)
             with torch.inference_mode():
                 y, risk = model(torch.from_numpy(x), return_risk=True)
+            parts = {}
+            if isinstance(risk, capsa.Risk):  # composed: risk is the total, components are served beside it
+                parts = {f"risk_{k}": getattr(risk, k) for k in ("aleatoric", "epistemic", "novelty")
+                         if getattr(risk, k) is not None}
+                risk = risk.total
             raw = x.tobytes()
             head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [5, 64],
                                            "parameters": {"binary_data_size": len(raw)}}],
@@ -99,7 +105,8 @@ def main() -> int:
                            headers={"Inference-Header-Content-Length": str(len(head))})
             out = decode_infer_response(r.content, int(r.headers["inference-header-content-length"]))
             err = max(float(np.abs(out["prediction"] - y.numpy()).max()),
-                      float(np.abs(out["risk"] - risk.numpy()).max()))
+                      float(np.abs(out["risk"] - risk.numpy()).max()),
+                      *(float(np.abs(out[k] - v.numpy()).max()) for k, v in parts.items()))
             rj = httpx.post(f"{url}/v2/models/{name}/infer", json={"inputs": [
                 {"name": "input", "datatype": "FP32", "shape": [5, 64], "data": x.tolist()}]}).json()
             pj = np.array(rj["outputs"][0]["data"]).reshape(5, 2)
