@@ -22,7 +22,7 @@ from starlette.types import Receive
 
 from service.batching import ModelError, ServeError
 from service.calibrated import apply_calibration, check_calibrated_output, percentile_threshold
-from service.components import component_names, unknown_output
+from service.components import unknown_output
 from service.errors import ApiError, body_too_large
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
 from service.protocol import (
@@ -223,7 +223,7 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
         raise refused
     mv.metrics.observe_risk(score)
     flagged = mv.metrics.flag(score, threshold)
-    missing = [n for n in component_names(mv.meta) if n not in components]
+    missing = [n for n in mv.components if n not in components]
     if missing:  # capsa.json and the model disagree: a damaged or hand-edited bundle
         raise ApiError(500, f"model '{mv.name}' version {mv.version}: the model returned no {missing} although "
                             "its capsa.json lists them (re-save the bundle with capsa.save_bundle)")
@@ -270,7 +270,7 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
     if pthreshold is not None:  # a calibrated model flags by risk percentile instead (service.calibrated)
         threshold = None
     flagging = threshold is not None or pthreshold is not None
-    components = component_names(mv.meta)
+    components = mv.components
     calibrated = mv.calibration.outputs if mv.calibration is not None else ()
     if req.outputs is None:
         wanted = [(n, req.binary_output)
@@ -328,7 +328,7 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
         result = {"predictions": pred, "risk": risk, "risk_score": score, **extra}
         if flagged is not None:
             result["flagged"] = flagged
-        result.update((n, served[n]) for n in component_names(mv.meta))
+        result.update((n, served[n]) for n in mv.components)
         return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

@@ -31,6 +31,7 @@ from capsa.manifest import (
 )
 from service.batching import Batcher
 from service.calibrated import ServedCalibration
+from service.components import component_names
 from service.metrics import VERSION_STATES, Metrics, VersionMetrics
 from service.model_config import ConfigError
 from service.protocol import DATATYPES
@@ -121,6 +122,9 @@ class ModelVersion:
         self.config = config
         self.settings = settings
         self.input, self.prediction, self.meta = read_signature(path)
+        #: the risk components this version serves (``risk_aleatoric``, ...; empty for a single wrapper), derived
+        #: once from capsa.json rather than per request
+        self.components: tuple[str, ...] = component_names(self.meta)
         self.max_batch_size = int(config.max_batch_size)
         self.allow_non_finite = bool(config.allow_non_finite)
         self.risk_threshold: float | None = config.risk_threshold

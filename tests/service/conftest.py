@@ -25,6 +25,7 @@ import torch
 import capsa
 from service.registry import publish
 from service.settings import DEMO_ARCHITECTURE
+from tests.fixtures import archs
 from tests.fixtures.archs import mlp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +43,16 @@ WRAPPERS = {
     "neo": lambda: capsa.neo.Wrapper(latent_dim=4),
 }
 OUT_FEATURES = {"vote": 1, "sample": 3, "sculpt": 2, "neo": 1}
+
+
+def vote_bundle(path: Path, factory: str, kwargs: dict[str, Any], example: torch.Tensor, *, seed: int) -> Path:
+    """Save a vote(2)-wrapped ``tests.fixtures.archs`` model of any size (the transport and soak suites' models)."""
+    torch.manual_seed(seed)
+    wrapped = capsa.vote.Wrapper(n_voters=2)(getattr(archs, factory)(**kwargs))
+    wrapped(example)
+    wrapped.eval()
+    return capsa.save_bundle(wrapped, path, architecture=f"tests.fixtures.archs:{factory}", kwargs=kwargs,
+                             example_input=example)
 
 
 def build_bundle(path: Path, wrapper: str, *, seed: int = 0, arch: str = "mlp") -> Path:

@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -28,8 +27,7 @@ import torch
 
 import capsa
 from service.registry import publish
-from tests.fixtures.archs import cnn, mlp
-from tests.service.conftest import ServerProcess, expected
+from tests.service.conftest import ServerProcess, expected, vote_bundle
 
 pytestmark = [
     pytest.mark.slow,  # real worker processes that import torch
@@ -54,16 +52,6 @@ class Model:
     inputs: list[np.ndarray] = field(default_factory=list)
     bodies: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
     want: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-
-
-def _bundle(path: Path, factory: str, kwargs: dict[str, Any], example: torch.Tensor) -> Path:
-    torch.manual_seed(1)
-    module = {"mlp": mlp, "cnn": cnn}[factory](**kwargs)
-    wrapped = capsa.vote.Wrapper(n_voters=2)(module)
-    wrapped(example)
-    wrapped.eval()
-    return capsa.save_bundle(wrapped, path, architecture=f"tests.fixtures.archs:{factory}", kwargs=kwargs,
-                             example_input=example)
 
 
 def encode_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -108,7 +96,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProce
     models: dict[str, Model] = {}
     rng = np.random.default_rng(0)
     for name, (factory, kwargs, shape, max_rows, config) in specs.items():
-        bundle = _bundle(work / name, factory, kwargs, torch.randn(2, *shape))
+        bundle = vote_bundle(work / name, factory, kwargs, torch.randn(2, *shape), seed=1)
         publish(bundle, str(root), name, 1)
         (root / name / "config.json").write_text(json.dumps(config))
         reference = capsa.load_bundle(bundle)

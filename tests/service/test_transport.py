@@ -27,8 +27,7 @@ import capsa
 from service.batching import Batcher, DeadlineExceeded, Unavailable
 from service.metrics import Metrics
 from service.workers import WorkerProcess, WorkerSpec
-from tests.fixtures.archs import cnn, mlp
-from tests.service.conftest import expected
+from tests.service.conftest import expected, vote_bundle
 
 pytestmark = [
     pytest.mark.slow,  # real worker processes that import torch
@@ -40,27 +39,17 @@ ALLOWED = ("tests.fixtures.archs",)
 WIDE = 256  # features of the "wide" model: one row is 1 KB of FP32
 
 
-def _save(path: Path, factory: str, kwargs: dict[str, Any], example: torch.Tensor) -> Path:
-    torch.manual_seed(0)
-    module = {"mlp": mlp, "cnn": cnn}[factory](**kwargs)
-    wrapped = capsa.vote.Wrapper(n_voters=2)(module)
-    wrapped(example)
-    wrapped.eval()
-    return capsa.save_bundle(wrapped, path, architecture=f"tests.fixtures.archs:{factory}", kwargs=kwargs,
-                             example_input=example)
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``wide`` (1 KB per row in, 8 B out), ``fanout`` (16 B per row in, 32 KB out) and ``cnn`` (3x64x64 images)."""
     work = tmp_path_factory.mktemp("transport")
     return {
-        "wide": _save(work / "wide", "mlp", {"in_features": WIDE, "hidden": 8, "out_features": 2},
-                      torch.randn(4, WIDE)),
-        "fanout": _save(work / "fanout", "mlp", {"in_features": 4, "hidden": 8, "out_features": 4096},
-                        torch.randn(4, 4)),
-        "cnn": _save(work / "cnn", "cnn", {"in_channels": 3, "width": 8, "num_outputs": 4},
-                     torch.randn(2, 3, 64, 64)),
+        "wide": vote_bundle(work / "wide", "mlp", {"in_features": WIDE, "hidden": 8, "out_features": 2},
+                      torch.randn(4, WIDE), seed=0),
+        "fanout": vote_bundle(work / "fanout", "mlp", {"in_features": 4, "hidden": 8, "out_features": 4096},
+                        torch.randn(4, 4), seed=0),
+        "cnn": vote_bundle(work / "cnn", "cnn", {"in_channels": 3, "width": 8, "num_outputs": 4},
+                     torch.randn(2, 3, 64, 64), seed=0),
     }
 
 
