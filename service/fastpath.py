@@ -107,7 +107,7 @@ class ServingMiddleware:
                     body = await read_body(receive, limit, json)
             except ApiError as exc:
                 if mv is not None:
-                    mv.metrics.failure.inc()
+                    mv.metrics.requests["rest"].failure.inc()
                 await self._error(send_with_id, exc)
                 return
             if route is None:

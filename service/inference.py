@@ -25,6 +25,7 @@ from service.calibrated import apply_calibration, check_calibrated_output, perce
 from service.components import unknown_output
 from service.errors import ApiError, body_too_large
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
+from service.metrics import Protocol
 from service.protocol import (
     InferRequest,
     ProtocolError,
@@ -234,7 +235,7 @@ async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], bo
                    header_length: str | None) -> tuple[bytes, int | None]:
     """Serve a V2 infer request body for ``mv`` (see :func:`lookup`); returns the response body and its JSON
     header length (binary outputs). The REST adapter of :func:`infer`."""
-    with accounted(mv):
+    with accounted(mv, "rest"):
         try:
             length = int(header_length) if header_length is not None else None
         except ValueError:
@@ -299,7 +300,7 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
 async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:
     """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``
     and, for a composed model, its risk components (``risk_aleatoric``, ...)."""
-    with accounted(mv):
+    with accounted(mv, "rest"):
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -333,21 +334,22 @@ async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], 
 
 
 async def admit(mv: ModelVersion, settings: Settings, request_id: str, receive: Receive | None = None,
-                limit: int = 0, json: bool = False) -> bytes:
+                limit: int = 0, json: bool = False, *, protocol: Protocol) -> bytes:
     """Admit a request to ``mv``: shed it when the version is saturated, then read its body from ``receive``
-    under ``limit`` (HTTP; gRPC has it already, and gets ``b""``). A refusal counts as a failure of the version;
-    from here on `accounted` counts the request."""
+    under ``limit`` (HTTP; gRPC has it already, and gets ``b""``). A refusal counts as a failure of the version
+    over ``protocol``; from here on `accounted` counts the request."""
     try:
         shed(mv, settings, request_id)
         return b"" if receive is None else await read_body(receive, limit, json)
     except ApiError:
-        mv.metrics.failure.inc()
+        mv.metrics.requests[protocol].failure.inc()
         raise
 
 
 @contextlib.contextmanager
-def accounted(mv: ModelVersion) -> Iterator[None]:
-    """Count the request as a success or failure of its model version, time it, and answer 400 to bad input."""
+def accounted(mv: ModelVersion, protocol: Protocol) -> Iterator[None]:
+    """Count the request as a success or failure of its model version over ``protocol`` (``rest``, ``grpc``),
+    time it, and answer 400 to bad input."""
     start = time.perf_counter()
     ok = False
     try:
@@ -356,6 +358,6 @@ def accounted(mv: ModelVersion) -> Iterator[None]:
     except ProtocolError as exc:
         raise ApiError(400, str(exc)) from None
     finally:
-        m = mv.metrics
+        m = mv.metrics.requests[protocol]
         (m.success if ok else m.failure).inc()
-        m.request_duration.observe(time.perf_counter() - start)
+        m.duration.observe(time.perf_counter() - start)

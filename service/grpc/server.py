@@ -245,8 +245,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             settings = self.settings
             check_infer_token(settings, md.get("authorization"))
             mv = lookup(self.manager, request.model_name, request.model_version or None)
-            await admit(mv, settings, ctx["request_id"])
-            with accounted(mv):
+            await admit(mv, settings, ctx["request_id"], protocol="grpc")
+            with accounted(mv, "grpc"):
                 req = decode_request(request)
                 remaining = context.time_remaining()
                 deadline = remaining if remaining is not None and remaining < settings.request_timeout_s else None

@@ -19,5 +19,6 @@ async def predict(model_name: str, request: Request, manager: ManagerDep, settin
     ``risk_score`` (and ``flagged`` when a risk threshold is set; a composed model's risk components too)."""
     ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
     mv = lookup(manager, model_name, None)
-    body = await admit(mv, settings, ctx["request_id"], request.receive, *body_limit(settings, json=True))
+    body = await admit(mv, settings, ctx["request_id"], request.receive, *body_limit(settings, json=True),
+                       protocol="rest")
     return Response(await v1_predict(mv, settings, ctx, body), media_type="application/json")

@@ -110,7 +110,7 @@ async def _infer(request: Request, manager: ModelManager, settings: Settings, na
     mv = lookup(manager, name, version)
     header_length = request.headers.get(HEADER_LENGTH)
     body = await admit(mv, settings, ctx["request_id"], request.receive,
-                       *body_limit(settings, json=header_length is None))
+                       *body_limit(settings, json=header_length is None), protocol="rest")
     content, json_length = await v2_infer(mv, settings, ctx, body, header_length)
     if json_length is None:
         return Response(content, media_type="application/json")

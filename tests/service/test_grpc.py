@@ -218,6 +218,42 @@ def test_request_id_is_echoed(client: tg.InferenceServerClient, server: ServerPr
     raise AssertionError("no access log line for the gRPC request")
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+def by_protocol(text: str, model: str) -> dict[tuple[str, str], float]:
+    """(metric, protocol) -> value of the per-request metrics of a model version."""
+    names = ("capsa_inference_request_success_total", "capsa_inference_request_failure_total",
+             "capsa_inference_request_duration_seconds_count")
+    return {(name, protocol): metric(text, name, model, protocol=protocol)
+            for name in names for protocol in ("rest", "grpc")}
+
+
+def test_requests_are_counted_by_protocol(server: ServerProcess, client: tg.InferenceServerClient) -> None:
+    """The per-request metrics carry protocol="rest" or "grpc"; the batch and sample ones are protocol-neutral."""
+    wait_idle(server, "vote")
+    before = by_protocol(httpx.get(f"{server.url}/metrics", timeout=T).text, "vote")
+    x = sample_input(2)
+    for _ in range(2):
+        grpc_infer(client, "vote", x)
+    assert status_of(lambda: grpc_infer(client, "vote", np.zeros((1, 5), np.float32)))[0] == "INVALID_ARGUMENT"
+    rest_infer(server, "vote", x)
+    bad = httpx.post(f"{server.url}/v2/models/vote/infer", timeout=T, json={"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5}]})
+    assert bad.status_code == 400
+    text = httpx.get(f"{server.url}/metrics", timeout=T).text
+    after = by_protocol(text, "vote")
+    delta = {key: after[key] - before[key] for key in after}
+    assert delta == {
+        ("capsa_inference_request_success_total", "rest"): 1, ("capsa_inference_request_success_total", "grpc"): 2,
+        ("capsa_inference_request_failure_total", "rest"): 1, ("capsa_inference_request_failure_total", "grpc"): 1,
+        ("capsa_inference_request_duration_seconds_count", "rest"): 2,
+        ("capsa_inference_request_duration_seconds_count", "grpc"): 3,
+    }
+    neutral = [line for line in text.splitlines()
+               if line.startswith(("capsa_inference_count_total{", "capsa_inference_exec_count_total{",
+                                   "capsa_inference_queue_duration_seconds_count{", "capsa_risk_score_count{"))]
+    assert neutral and not [line for line in neutral if "protocol=" in line], neutral
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_errors_are_invalid_argument_and_not_found(client: tg.InferenceServerClient) -> None:
     x = sample_input(1)
@@ -287,6 +323,8 @@ def test_client_deadline_counts_and_drops_the_queued_request(server: ServerProce
 def test_full_queue_is_unavailable(server: ServerProcess, client: tg.InferenceServerClient) -> None:
     """sleepy's queue holds 2 requests: while one runs and two wait, a gRPC request gets UNAVAILABLE."""
     wait_idle(server, "sleepy")
+    failed_before = metric(httpx.get(f"{server.url}/metrics", timeout=T).text,
+                           "capsa_inference_request_failure_total", "sleepy", protocol="grpc")
 
     async def scenario() -> tuple[list[int], tuple[str, str]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=T) as http:
@@ -313,6 +351,9 @@ def test_full_queue_is_unavailable(server: ServerProcess, client: tg.InferenceSe
     statuses, (code, message) = asyncio.run(scenario())
     assert statuses == [200, 200, 200]
     assert code == "UNAVAILABLE" and "queue is full" in message
+    failed = metric(httpx.get(f"{server.url}/metrics", timeout=T).text,
+                    "capsa_inference_request_failure_total", "sleepy", protocol="grpc") - failed_before
+    assert failed == 1, "a gRPC request shed at admission counts as a gRPC failure"
     wait_idle(server, "sleepy")
 
 
