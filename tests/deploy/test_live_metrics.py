@@ -148,6 +148,23 @@ def test_the_panels_have_data(metrics_after_traffic: dict[str, float]) -> None:
 
 
 @pytest.mark.slow
+def test_the_protocol_variable_has_values(server: tuple[str, subprocess.Popen[bytes]],
+                                          metrics_after_traffic: dict[str, float]) -> None:
+    """The dashboard's protocol variable (label_values of the request counter) finds rest and grpc, and the REST
+    traffic above is counted under protocol="rest"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+    by_protocol: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "capsa_inference_request_success_total":
+                by_protocol[sample.labels["protocol"]] = by_protocol.get(sample.labels["protocol"], 0) + sample.value
+    assert set(by_protocol) == {"rest", "grpc"}
+    assert by_protocol["rest"] >= 3 and by_protocol["grpc"] == 0
+
+
+@pytest.mark.slow
 def test_metric_name_extraction_is_not_vacuous() -> None:
     """The extractor finds the names (and only the names) in typical panel queries."""
     expr = ('histogram_quantile(0.99, sum by (model, le) (rate(capsa_x_bucket{model=~"$model"}[$__rate_interval])))'
