@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="Port of the KServe V2 gRPC service and grpc.health.v1, on the same host "
                                           "(0: no gRPC)."
     )
+    max_grpc_connections: int | None = Field(
+        None, ge=1, description="Open gRPC client connections beyond which new ones are closed at once (the client "
+                                "sees UNAVAILABLE). Default: a quarter of the connection budget (the open-file limit "
+                                "minus a reserve), at most half; CAPSA_MAX_CONNECTIONS gets the rest."
+    )
     devices: str = Field(
         "auto", description='"auto" (every visible CUDA device, else the CPU), "cpu", or "cuda:0,cuda:1".'
     )

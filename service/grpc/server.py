@@ -30,6 +30,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import __version__
+from service.edge import grpc_connection_cap
 from service.errors import ApiError, internal_error
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -313,9 +314,14 @@ class GrpcServer:
         settings: Settings = state.settings
         self.settings = settings
         self.health = HealthServicer(state)
+        #: The connection cap (service.edge.grpc_connection_cap: REST and gRPC share the open-file budget). gRPC
+        #: core closes a connection beyond it as soon as it is accepted, so the client sees UNAVAILABLE and may
+        #: retry (another replica); the connections already open keep being served.
+        self.max_connections = grpc_connection_cap(settings)
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
         ])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
             InferenceServicer(state), self.server)
@@ -331,7 +337,7 @@ class GrpcServer:
         if not self.port:
             raise RuntimeError(f"cannot listen on {address} (gRPC)")
         await self.server.start()
-        log.info("listening (gRPC)", extra={"host": host, "port": self.port})
+        log.info("listening (gRPC)", extra={"host": host, "port": self.port, "max_connections": self.max_connections})
         return self.port
 
     def stop(self) -> Awaitable[None]:

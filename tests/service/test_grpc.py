@@ -22,7 +22,15 @@ import tritonclient.grpc as tg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.service.conftest import ADMIN_TOKEN, IN_FEATURES, WRAPPERS, ServerProcess, expected, metric
+from tests.service.conftest import (
+    ADMIN_TOKEN,
+    IN_FEATURES,
+    WRAPPERS,
+    ServerProcess,
+    add_model,
+    expected,
+    metric,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 T = 30.0  # every client call's timeout (seconds)
@@ -420,3 +428,65 @@ def test_sigterm_answers_in_flight_grpc_requests_and_exits_0(registry: dict[str,
         assert code == 0, proc.log()[-3000:]
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------- connection cap
+def own_channel(server: ServerProcess) -> grpc.Channel:
+    """A channel with its own TCP connection (channels to one address otherwise share the process's subchannel)."""
+    return grpc.insecure_channel(server.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def infer_request(x: np.ndarray) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="vote")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+@pytest.mark.slow
+def test_connection_cap_refuses_new_connections_and_keeps_serving(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CAPSA_MAX_GRPC_CONNECTIONS=2: a third connection is closed at once (UNAVAILABLE) while the two open ones keep
+    serving inference; REST is unaffected; once one closes, a new connection is served."""
+    root, work = tmp_path_factory.mktemp("cap-registry"), tmp_path_factory.mktemp("cap-bundles")
+    add_model(root, work, "vote", "vote")
+    proc = ServerProcess(root, tmp_path_factory.mktemp("logs") / "grpc-cap.log",
+                         env={"CAPSA_MAX_GRPC_CONNECTIONS": "2"})
+    channels: list[grpc.Channel] = []
+    try:
+        proc.wait_ready()
+        listening = [e for e in proc.log_entries() if e.get("msg") == "listening (gRPC)"]
+        assert listening and listening[0]["max_connections"] == 2, listening
+        x = sample_input(2)
+        for _ in range(2):
+            channels.append(own_channel(proc))
+            assert service_pb2_grpc.GRPCInferenceServiceStub(channels[-1]).ServerLive(
+                service_pb2.ServerLiveRequest(), timeout=T).live
+        refused = own_channel(proc)
+        channels.append(refused)
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(refused).ServerLive(service_pb2.ServerLiveRequest(), timeout=T)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        for channel in channels[:2]:  # the open connections are still served, inference included
+            answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(x), timeout=T)
+            assert answer.outputs[0].name == "prediction" and list(answer.outputs[0].shape) == [2, 1]
+        assert httpx.get(f"{proc.url}/v2/health/live", timeout=T).status_code == 200  # REST has its own cap
+        channels.pop(0).close()
+        deadline = time.monotonic() + 60  # the server sees the close asynchronously: retry a fresh connection
+        while True:
+            fresh = own_channel(proc)
+            try:
+                live = service_pb2_grpc.GRPCInferenceServiceStub(fresh).ServerLive(
+                    service_pb2.ServerLiveRequest(), timeout=T).live
+                channels.append(fresh)
+                break
+            except grpc.RpcError as exc:
+                fresh.close()
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert time.monotonic() < deadline, "no connection accepted after one of the two closed"
+                time.sleep(0.1)
+        assert live
+    finally:
+        for channel in channels:
+            channel.close()
+        code = proc.stop()
+    assert code == 0, proc.log()[-3000:]
