@@ -152,6 +152,19 @@ class Request:
     headers: dict[str, str]
 
 
+@dataclass
+class Column:
+    """One column of the table: which server, how it is driven, with what request, against which floor."""
+
+    name: str
+    label: str
+    server: str
+    driver: str  # "wrk" or "grpc"
+    request: Request | bytes
+    floor: str | None = "floor-asgi"
+    model: str | None = None  # capsa-serve model whose batch counters to read
+
+
 def wrk_script(request: Request, directory: Path) -> Path:
     """A wrk Lua script that POSTs ``request`` (the body is read from a file, so binary bodies work)."""
     body_file = directory / f"body-{abs(hash((request.path, request.body)))}.bin"

@@ -25,12 +25,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import pyload
 from bench.harness import (
+    Column,
     Request,
     Server,
     batch_counters,
@@ -46,19 +46,6 @@ from bench.harness import (
 from bench.models import build_registry, grpc_infer, v1, v2_binary, v2_json
 
 CONCURRENCY = (1, 32, 128)
-
-
-@dataclass
-class Column:
-    """One column of the table: which server, how it is driven, with what request, against which floor."""
-
-    name: str
-    label: str
-    server: str
-    driver: str  # "wrk" or "grpc"
-    request: Request | bytes
-    floor: str | None = "floor-asgi"
-    model: str | None = None  # capsa-serve model whose batch counters to read
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
