@@ -47,11 +47,11 @@ def _run(model: Any, torch: Any, device: Any, array: np.ndarray) -> Outputs:
 
     components: dict[str, Any] = {}
     with torch.inference_mode():
-        y, risk = model(x, return_risk=True)
+        y, risk = model.predict(x)  # a capsa.Risk for every stack: risk_score ranks saturated classifiers by it
         score = capsa.risk_score(risk)
-        if isinstance(risk, capsa.Risk):  # a composed model: the served risk is the total, plus each component
+        if model.composed:  # a composed model: the served risk is the total, plus each component
             components = {f"risk_{kind}": value for kind, value in risk.components().items()}
-            risk = risk.total
+        risk = risk.total
         if device.type != "cpu":
             y, risk, score = y.cpu(), risk.cpu(), score.cpu()
             components = {name: value.cpu() for name, value in components.items()}
