@@ -25,7 +25,8 @@ from bench.models import sample_row, v2_json
 INSTALL_TIMEOUT_S = 1200.0
 READY_TIMEOUT_S = 300.0
 
-PACKAGES = {"mlserver": ["mlserver"], "litserve": ["litserve"], "ray-serve": ["ray[serve]"]}
+PACKAGES = {"mlserver": ["mlserver", "uvloop<0.22"],  # 1.7.1 calls asyncio.get_event_loop() in its workers
+            "litserve": ["litserve"], "ray-serve": ["ray[serve]"]}
 DISTRIBUTIONS = {"mlserver": "mlserver", "litserve": "litserve", "ray-serve": "ray"}
 
 MLSERVER_RUNTIME = '''

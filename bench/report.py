@@ -47,6 +47,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "x floor: requests/s over the bare ASGI floor's at the same c (gRPC rows: over the bare grpc.aio "
               "floor's). client CPU: the load generator's CPU time over the run's wall time (100% = one core; wrk "
               "-t1 at 100% is saturated)."]
+    idle = [p.get("idle_servers_cpu_share", 0.0) for p in result["points"]]
+    if idle:
+        lines[-1] += (f" The servers not under load used {100 * sum(idle) / len(idle):.0f}% of a core on average "
+                      f"while a point ran (at most {100 * max(idle):.0f}%).")
     for name, reason in result.get("unavailable", {}).items():
         lines.append(f"- {name}: unavailable ({reason})")
     if result.get("targets"):

@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,12 @@ def start_floor(kind: str, logs: Path) -> Server:
 
 
 def measure(column: Column, server: Server, c: int, duration: float, args: argparse.Namespace,
-            scripts: dict[str, Path]) -> dict[str, float]:
-    """One point: the load run, the server's CPU over it and (capsa-serve) the mean batch it formed."""
+            scripts: dict[str, Path], idle: Sequence[Server] = ()) -> dict[str, float]:
+    """One point: the load run, the server's CPU over it and (capsa-serve) the mean batch it formed; also the CPU
+    the ``idle`` servers (those not under load) used meanwhile, which the point competed with."""
     pids = server.pids()
-    cpu0 = cpu_seconds(pids)
+    idle_pids = [p for other in idle for p in other.pids()]
+    cpu0, idle0 = cpu_seconds(pids), cpu_seconds(idle_pids)
     counts0 = batch_counters(server.base, column.model) if column.model else (0.0, 0.0)
     if column.driver == "grpc":
         assert isinstance(column.request, bytes)
@@ -131,6 +134,7 @@ def measure(column: Column, server: Server, c: int, duration: float, args: argpa
         assert isinstance(column.request, Request)
         result = run_wrk(server.base + column.request.path, scripts[column.name], c, duration, args.wrk_threads)
     result["server_cpu_s"] = cpu_seconds(pids) - cpu0
+    result["idle_servers_cpu_s"] = cpu_seconds(idle_pids) - idle0
     result["duration"] = duration
     if column.model:
         counts1 = batch_counters(server.base, column.model)
@@ -150,6 +154,7 @@ def aggregate(column: Column, c: int, rounds: list[dict[str, float]]) -> dict[st
         "p50": statistics.median(r["p50"] for r in rounds), "p99": statistics.median(r["p99"] for r in rounds),
         "server_cpu_us": 1e6 * sum(r["server_cpu_s"] for r in rounds) / max(requests, 1.0),
         "client_cpu_share": sum(r["client_cpu_s"] for r in rounds) / wall,
+        "idle_servers_cpu_share": sum(r.get("idle_servers_cpu_s", 0.0) for r in rounds) / wall,
         "errors": sum(r["errors"] for r in rounds), "rounds": rounds,
     }
     if column.model:
@@ -213,7 +218,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 for c in args.concurrency:
                     order = cols[r % len(cols):] + cols[: r % len(cols)]
                     for col in order:
-                        point = measure(col, servers[col.server], c, duration, args, scripts)
+                        idle = [s for name, s in servers.items() if name != col.server]
+                        point = measure(col, servers[col.server], c, duration, args, scripts, idle)
                         measured.setdefault((col.name, c), []).append(point)
                         print(f"round {r + 1}/{rounds} c={c:<4} {col.label:24} {point['rps']:>9,.0f} req/s  "
                               f"p99 {point['p99']:7.2f} ms", flush=True)
