@@ -58,8 +58,7 @@ class VersionMetrics:
 
     def observe_risk(self, scores: np.ndarray) -> None:
         """Record served per-sample risk scores (non-finite ones are skipped)."""
-        for value in scores[np.isfinite(scores)].tolist():
-            self.risk_score.observe(value)
+        observe_many(self.risk_score, scores[np.isfinite(scores)])
 
     def flag(self, values: np.ndarray, threshold: float | None) -> np.ndarray | None:
         """``values > threshold`` per sample (None without a threshold), counting the flagged ones in
@@ -171,3 +170,20 @@ class Metrics:
         for hook in self._before_render:
             hook()
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for each of ``values`` (a bound child; finite or infinite, never NaN), with one
+    increment per bucket hit instead of one locked Python call per value: the batcher records a whole batch's
+    queue times and risk scores at once. Small arrays take the plain loop (numpy's fixed cost is higher there)."""
+    if values.size <= 4:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    # prometheus_client has no batch observe: this does what Histogram.observe does for each value (its buckets
+    # are per bucket, not cumulative; the value goes to the first bucket whose upper bound is >= it).
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        histogram._buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))

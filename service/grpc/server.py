@@ -35,8 +35,7 @@ from service.errors import ApiError, internal_error
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.inference import (
-    accounted,
-    admit,
+    Accounted,
     check_admin_token,
     check_infer_token,
     infer,
@@ -244,15 +243,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         async def run(ctx: dict[str, Any], md: dict[str, str]) -> pb.ModelInferResponse:
             settings = self.settings
-            check_infer_token(settings, md.get("authorization"))
-            mv = lookup(self.manager, request.model_name, request.model_version or None)
-            await admit(mv, settings, ctx["request_id"], protocol="grpc")
-            with accounted(mv, "grpc"):
+            mv = not_found = None
+            try:
+                mv = lookup(self.manager, request.model_name, request.model_version or None)
+            except ApiError as exc:  # answered after the token check: no model names to strangers
+                not_found = exc
+            with Accounted(mv, "grpc") as accounted:  # counts every outcome for a known model once
+                check_infer_token(settings, md.get("authorization"))
+                if mv is None:
+                    assert not_found is not None
+                    raise not_found
+                await accounted.admit(mv, settings, ctx["request_id"])
                 req = decode_request(request)
                 remaining = context.time_remaining()
                 deadline = remaining if remaining is not None and remaining < settings.request_timeout_s else None
                 outputs = await infer(mv, settings, ctx, req, deadline)
-            return encode_response(mv, req.id, outputs)
+                return encode_response(mv, req.id, outputs)
         return await self._serve("ModelInfer", context, run)
 
     # ------------------------------------------------------------------ repository (admin token)
