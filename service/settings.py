@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     workers_per_device: int | None = Field(
         None, ge=1, description="Worker processes per device per model version; overrides each model's instances."
     )
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads in each CPU worker.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads in each CPU worker, unless the model's config.json sets "
+                                "torch_threads (default: see service.model_config.worker_torch_threads)."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the repository routes; without it those routes answer 403."
     )

@@ -32,11 +32,11 @@ JSON_LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server with an inference token, a 2 s request deadline, a 64 KiB JSON limit, ``vote`` and ``sleepy``
-    (one request at a time, one queued)."""
+    """A server with an inference token, a 2 s request deadline, a 64 KiB JSON limit, ``vote`` (2 torch threads
+    by config.json) and ``sleepy`` (one request at a time, one queued)."""
     root = tmp_path_factory.mktemp("hot-registry")
     work = tmp_path_factory.mktemp("hot-bundles")
-    add_model(root, work, "vote", "vote")
+    add_model(root, work, "vote", "vote", config={"torch_threads": 2, "interop_threads": 2})
     add_model(root, work, "sleepy", "sculpt", arch="sleepy", config={"max_batch_size": 1, "max_queue_size": 1})
     proc = ServerProcess(root, tmp_path_factory.mktemp("hot-logs") / "server.log", env={
         "CAPSA_INFER_TOKEN": TOKEN, "CAPSA_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
@@ -158,6 +158,20 @@ def test_shed_and_deadline_count_one_failure_each(server: ServerProcess, protoco
     assert answers["shed"] in (503, "UNAVAILABLE"), answers
     expect(server, "sleepy", before, protocol, list(answers.values()))
     wait_until(lambda: pending(server, "sleepy") == 0, "sleepy is idle again")
+
+
+def test_worker_threads_come_from_config_json_and_are_logged(server: ServerProcess) -> None:
+    """config.json's torch_threads/interop_threads reach vote's worker; sleepy's gets the default; the
+    "worker ready" log line states both (the benchmark reports them from there)."""
+    import os
+
+    from service.model_config import worker_torch_threads
+
+    ready = {e["worker"].split("-")[0]: e for e in server.log_entries() if e.get("msg") == "worker ready"}
+    assert (ready["vote"]["torch_threads"], ready["vote"]["interop_threads"]) == (2, 2), ready["vote"]
+    if "CAPSA_TORCH_THREADS" not in os.environ:
+        assert ready["sleepy"]["torch_threads"] == worker_torch_threads(None, None, cpu_workers=1), ready["sleepy"]
+    assert ready["sleepy"]["interop_threads"] == 1, ready["sleepy"]
 
 
 def test_metrics_of_batched_requests_are_per_request(server: ServerProcess) -> None:
