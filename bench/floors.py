@@ -8,8 +8,6 @@ Python process.
 ``ModelInferResponse`` without decoding the request: the gRPC limit.
 """
 
-from __future__ import annotations
-
 import asyncio
 import sys
 from typing import Any

@@ -12,7 +12,7 @@ import pytest
 
 from bench import harness, report
 from bench.__main__ import parser
-from bench.floors import ANSWER, bare_app
+from bench.floors import ANSWER, bare_app, fastapi_app
 from bench.harness import Column, Request
 from bench.serve import CONCURRENCY, aggregate
 
@@ -108,12 +108,21 @@ def test_wrk_script_sends_binary_body(tmp_path: Path) -> None:
     assert Path(body_file).read_bytes() == body
 
 
-def test_bare_floor_answers_fixed_document() -> None:
+def _post(app: object, path: str, body: bytes) -> httpx.Response:
     async def post() -> httpx.Response:
-        transport = httpx.ASGITransport(app=bare_app)
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
         async with httpx.AsyncClient(transport=transport, base_url="http://floor") as client:
-            return await client.post("/anything", content=b'{"inputs": []}', timeout=10)
+            return await client.post(path, content=body, headers={"Content-Type": "application/json"}, timeout=10)
 
-    answer = asyncio.run(post())
+    return asyncio.run(post())
+
+
+def test_bare_floor_answers_fixed_document() -> None:
+    answer = _post(bare_app, "/anything", b'{"inputs": []}')
     assert answer.status_code == 200 and answer.content == ANSWER
     assert json.loads(answer.content)["outputs"][0]["name"] == "prediction"
+
+
+def test_fastapi_floor_echoes_the_body() -> None:
+    answer = _post(fastapi_app(), "/echo", b'{"inputs": [1]}')  # 422 when FastAPI misreads the route's signature
+    assert (answer.status_code, answer.content) == (200, b'{"inputs": [1]}')
