@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["overhead"]:  # capsa_overhead.py parses its own options
         script = Path(__file__).resolve().parent / "capsa_overhead.py"
-        sys.argv = [str(script), *argv[1:]]
-        runpy.run_path(str(script), run_name="__main__")
+        saved, sys.argv = sys.argv, [str(script), *argv[1:]]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = saved
         return 0
     args = parser().parse_args(argv)
     from bench import serve

@@ -126,3 +126,12 @@ def test_bare_floor_answers_fixed_document() -> None:
 def test_fastapi_floor_echoes_the_body() -> None:
     answer = _post(fastapi_app(), "/echo", b'{"inputs": [1]}')  # 422 when FastAPI misreads the route's signature
     assert (answer.status_code, answer.content) == (200, b'{"inputs": [1]}')
+
+
+def test_overhead_dispatches_to_capsa_overhead(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["overhead", "--help"])  # capsa_overhead.py parses its own options
+    assert exc.value.code == 0
+    assert "capsa_overhead.py" in capsys.readouterr().out
