@@ -44,23 +44,35 @@ _FIELDS: dict[type, tuple[str, ...]] = {
 }
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 def _to_json(value: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(value, np.ndarray):
+    # Ordered by frequency (this runs for every field of every frame: scalars first, then arrays and messages).
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is np.ndarray:
         arrays.append(np.ascontiguousarray(value))
         return {"#": len(arrays) - 1}
-    names = _FIELDS.get(type(value))
+    names = _FIELDS.get(kind)
     if names is not None:
-        out = {"$": type(value).__name__}
+        out = {"$": kind.__name__}
         for name in names:
             out[name] = _to_json(getattr(value, name), arrays)
         return out
+    if kind is tuple or kind is list:
+        return [_to_json(item, arrays) for item in value]
+    if isinstance(value, np.ndarray):  # a subclass
+        arrays.append(np.ascontiguousarray(value))
+        return {"#": len(arrays) - 1}
     if dataclasses.is_dataclass(value):
         raise TypeError(f"cannot encode {type(value).__qualname__}: not a worker message type")
     if isinstance(value, (tuple, list)):
         return [_to_json(item, arrays) for item in value]
     if isinstance(value, np.generic):
         return value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"cannot encode a {type(value).__qualname__} in a worker message")
 
@@ -82,23 +94,24 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 
 def _from_json(value: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(value, list):
-        return tuple(_from_json(item, arrays) for item in value)
-    if isinstance(value, dict):
-        if "#" in value:
-            index = value["#"]
-            if not isinstance(index, int) or not 0 <= index < len(arrays):
-                raise ProtocolError(f"array reference {index!r} is out of range ({len(arrays)} arrays)")
-            return arrays[index]
-        cls = MESSAGE_TYPES.get(value.get("$"))  # type: ignore[arg-type]
-        if cls is None:
-            raise ProtocolError(f"unknown message type {value.get('$')!r}")
-        fields = {k: _from_json(v, arrays) for k, v in value.items() if k != "$"}
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
-    return value
+    kind = type(value)
+    if kind is list:
+        return tuple([_from_json(item, arrays) for item in value])
+    if kind is not dict:
+        return value
+    if "#" in value:
+        index = value["#"]
+        if type(index) is not int or not 0 <= index < len(arrays):
+            raise ProtocolError(f"array reference {index!r} is out of range ({len(arrays)} arrays)")
+        return arrays[index]
+    cls = MESSAGE_TYPES.get(value.get("$"))
+    if cls is None:
+        raise ProtocolError(f"unknown message type {value.get('$')!r}")
+    fields = {k: _from_json(v, arrays) for k, v in value.items() if k != "$"}
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
 
 
 _DTYPES: dict[str, np.dtype] = {}  # dtype strings seen (a handful: the models' input and output dtypes)
