@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.workers.messages import MESSAGE_TYPES, Message
+from service.workers.messages import MESSAGE_TYPES, Message, Outputs, Result, RunBatch
 
 MAGIC = b"CW1\0"
 _PREFIX = struct.Struct("<4sI")
@@ -77,10 +77,39 @@ def _to_json(value: Any, arrays: list[np.ndarray]) -> Any:
     raise TypeError(f"cannot encode a {type(value).__qualname__} in a worker message")
 
 
+def _outputs_json(outputs: Outputs, arrays: list[np.ndarray]) -> dict[str, Any]:
+    """``_to_json`` of an :class:`Outputs`, written out (it is in every result: the hot path of the round trip)."""
+    first = len(arrays)
+    arrays += (np.ascontiguousarray(outputs.prediction), np.ascontiguousarray(outputs.risk),
+               np.ascontiguousarray(outputs.risk_score))
+    components = []
+    for name, array in outputs.components:
+        components.append([_to_json(name, arrays), {"#": len(arrays)}])
+        arrays.append(np.ascontiguousarray(array))
+    return {"$": "Outputs", "prediction": {"#": first}, "risk": {"#": first + 1}, "risk_score": {"#": first + 2},
+            "components": components}
+
+
+def _message_json(message: Message, arrays: list[np.ndarray]) -> Any:
+    """``_to_json(message)``: the same JSON, built directly for the messages of every batch (a batch and its
+    result with outputs), generically for the rest."""
+    kind = type(message)
+    if kind is RunBatch:
+        assert isinstance(message, RunBatch)
+        arrays.append(np.ascontiguousarray(message.array))
+        return {"$": "RunBatch", "batch_id": _to_json(message.batch_id, arrays), "array": {"#": len(arrays) - 1},
+                "offsets": [_to_json(o, arrays) for o in message.offsets]}
+    if kind is Result and type(message.outcome) is Outputs:  # type: ignore[union-attr]
+        assert isinstance(message, Result) and isinstance(message.outcome, Outputs)
+        return {"$": "Result", "batch_id": _to_json(message.batch_id, arrays),
+                "compute_s": _to_json(message.compute_s, arrays), "outcome": _outputs_json(message.outcome, arrays)}
+    return _to_json(message, arrays)
+
+
 def encode(message: Message) -> list[bytes | memoryview]:
     """The frame of ``message`` as buffers to write in order (large arrays are views of their own memory)."""
     arrays: list[np.ndarray] = []
-    body = _to_json(message, arrays)
+    body = _message_json(message, arrays)
     views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     header = orjson.dumps({"m": body, "a": [[a.dtype.str, list(a.shape), v.nbytes] for a, v in zip(
         arrays, views, strict=True)]})
