@@ -2,9 +2,11 @@
 
 The reading is served images/s against the same wrapped model's in-process forward (``capsa.load_bundle``, same
 device, same torch thread count as the worker) at the batch size the server actually formed (from its metrics),
-measured alternately in rounds so drift hits both alike. The ratio is first; beside it the worker's thread count,
-the worker's and the rest of the server's CPU use (cores busy) and the client's, so that on a small machine the
-front end's and the client's share of the cores can be read off the ratio.
+measured alternately in rounds so drift hits both alike. The ratio is first; beside it the same ratio per CPU-second
+(images per second of CPU the worker got, over images per CPU-second of the in-process forward: what the serving
+path costs the worker itself, which other load on a shared machine cannot skew), the worker's thread count, the
+worker's and the rest of the server's CPU use (cores busy) and the client's, so that on a small machine the front
+end's and the client's share of the cores can be read off the ratio.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def worker_pids(server: Server, model: str) -> list[int]:
     return pids[-1:] if pids else []  # the latest (a restarted worker replaces the earlier one)
 
 
-def inprocess_images_per_s(bundle: Path, batch: int, device: str, threads: int, duration: float) -> float:
-    """Images/s of the wrapped model's own forward (with risk, ``inference_mode``) at ``batch``, in this process."""
+def inprocess_images_per_s(bundle: Path, batch: int, device: str, threads: int,
+                           duration: float) -> tuple[float, float]:
+    """Images/s of the wrapped model's own forward (with risk, ``inference_mode``) at ``batch``, in this process:
+    per second of wall time, and per CPU-second this process got (the reading that other load cannot skew)."""
     import torch
 
     import capsa
@@ -47,13 +51,13 @@ def inprocess_images_per_s(bundle: Path, batch: int, device: str, threads: int, 
         for _ in range(3):
             model(x, return_risk=True)
         sync()
-        n, start = 0, time.perf_counter()
+        n, start, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < duration:
             model(x, return_risk=True)
             n += 1
         sync()
-        elapsed = time.perf_counter() - start
-    return n * x.shape[0] / elapsed
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return n * x.shape[0] / elapsed, n * x.shape[0] / max(cpu, 1e-9)
 
 
 def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dict[str, float]], rounds: int,
@@ -62,7 +66,8 @@ def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dic
     :mod:`bench.pyload`) and returns its summary."""
     request = v2_binary(model, images(IMAGES_PER_REQUEST))
     drive(request, CONCURRENCY, min(2.0, duration))  # warm-up
-    served, inproc, batches = [], [], []
+    served, inproc, batches, inproc_cpu = [], [], [], []
+    served_images = 0.0
     front_cpu = worker_cpu = client_cpu = total_time = 0.0
     for _ in range(rounds):
         workers = worker_pids(server, model)
@@ -79,12 +84,19 @@ def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dic
         client_cpu += result["client_cpu_s"]
         total_time += duration
         served.append(result["rps"] * IMAGES_PER_REQUEST)
+        served_images += s1 - s0
         batches.append(batch)
-        inproc.append(inprocess_images_per_s(bundle, round(batch), device, threads, duration / 2))
+        wall, per_cpu = inprocess_images_per_s(bundle, round(batch), device, threads, duration / 2)
+        inproc.append(wall)
+        inproc_cpu.append(per_cpu)
     served_mean, inproc_mean = sum(served) / len(served), sum(inproc) / len(inproc)
+    served_per_cpu = served_images / max(worker_cpu, 1e-9)
+    inproc_per_cpu = sum(inproc_cpu) / len(inproc_cpu)
     return {
         "ratio": served_mean / inproc_mean, "served_images_per_s": served_mean,
         "inprocess_images_per_s": inproc_mean, "mean_batch": sum(batches) / len(batches),
+        "cpu_ratio": served_per_cpu / inproc_per_cpu, "served_images_per_worker_cpu_s": served_per_cpu,
+        "inprocess_images_per_cpu_s": inproc_per_cpu,
         "worker_torch_threads": threads, "device": device, "images_per_request": IMAGES_PER_REQUEST,
         "concurrency": CONCURRENCY, "worker_cores": worker_cpu / total_time,
         "front_end_cores": front_cpu / total_time, "client_cores": client_cpu / total_time,
@@ -95,11 +107,13 @@ def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dic
 def markdown(result: dict[str, Any]) -> str:
     """The CNN reading as a short Markdown table."""
     return "\n".join([
-        f"| CNN case ({result['device']}) | served / in-process | served images/s | in-process images/s "
-        "(same batch) | mean batch | worker torch threads | worker cores | rest of server cores | client cores |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| CNN case ({result['device']}) | served / in-process | per CPU-second | served images/s | in-process "
+        "images/s (same batch) | mean batch | worker torch threads | worker cores | rest of server cores | "
+        "client cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| vote(5) CNN, 3x64x64, {result['images_per_request']} images/request, c={result['concurrency']} | "
-        f"{result['ratio']:.2f}x | {result['served_images_per_s']:,.0f} | {result['inprocess_images_per_s']:,.0f} | "
+        f"{result['ratio']:.2f}x | {result['cpu_ratio']:.2f}x | {result['served_images_per_s']:,.0f} | "
+        f"{result['inprocess_images_per_s']:,.0f} | "
         f"{result['mean_batch']:.1f} | {result['worker_torch_threads']} | {result['worker_cores']:.2f} | "
         f"{result['front_end_cores']:.2f} | {result['client_cores']:.2f} |",
     ])

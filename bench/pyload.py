@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -87,8 +88,9 @@ def run(kind: str, target: str, body: bytes, concurrency: int, duration: float, 
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     start_at = time.time() + 2.0 + 0.5 * processes  # after every process has started and warmed up
     jobs = [(kind, target, body, headers or {}, share, start_at, duration) for share in shares]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        results = pool.map(_child, jobs)
+    # spawn, not fork (grpc must not be forked); an executor, not a Pool, so a child that dies raises here
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_child, jobs))
     latencies = np.concatenate([r[0] for r in results]) * 1e3
     count = float(latencies.size)
     return {"rps": count / duration, "p50": float(np.percentile(latencies, 50)) if count else float("nan"),

@@ -52,7 +52,8 @@ def canned() -> dict[str, object]:
             points.append(aggregate(col, c, [_round(scale * 1000 * c, 0.3, 4.0, samples=60.0, batches=10.0)]))
     for p in points:
         p["vs_floor"] = p["rps"] / next(q["rps"] for q in points if q["column"] == "floor-asgi" and q["c"] == p["c"])
-    cnn = {"ratio": 0.9, "served_images_per_s": 900.0, "inprocess_images_per_s": 1000.0, "mean_batch": 48.0,
+    cnn = {"ratio": 0.9, "cpu_ratio": 0.95, "served_images_per_s": 900.0, "inprocess_images_per_s": 1000.0,
+           "mean_batch": 48.0,
            "worker_torch_threads": 1, "device": "cpu", "images_per_request": 8, "concurrency": 16,
            "worker_cores": 0.9, "front_end_cores": 0.2, "client_cores": 0.1, "rounds": []}
     meta = {"command": "python -m bench serve --quick", "machine": "test box", "date": "2026-12-04",
@@ -82,7 +83,7 @@ def test_report_writes_markdown_json_and_targets(tmp_path: Path) -> None:
     assert "ray-serve: unavailable (pip install failed: x)" in text
     assert "FAIL: binary at c=32 is 0.83x JSON's req/s (>= 1)" in text
     assert "PASS: V2 JSON at c=32 0.55x the bare floor" in text
-    assert "| 0.90x | 900 | 1,000 | 48.0 | 1 |" in text
+    assert "| 0.90x | 0.95x | 900 | 1,000 | 48.0 | 1 |" in text
     data = json.loads((tmp_path / "serve.json").read_text())
     assert data["points"][2]["batch"] == 6.0 and data["meta"]["command"] == "python -m bench serve --quick"
 
