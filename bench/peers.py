@@ -112,7 +112,9 @@ def venv(name: str, cache: Path) -> tuple[Path, str]:
     stamp = directory / "installed.json"
     python = directory / "bin" / "python"
     if stamp.exists():
-        return python, json.loads(stamp.read_text())["version"]
+        installed = json.loads(stamp.read_text())
+        if installed.get("packages") == PACKAGES[name]:  # else the bench's pins changed: install afresh
+            return python, str(installed["version"])
     directory.parent.mkdir(parents=True, exist_ok=True)
     print(f"peers: creating {directory} and installing {' '.join(PACKAGES[name])} (once) ...", flush=True)
     steps = [[sys.executable, "-m", "venv", "--clear", str(directory)],
@@ -132,7 +134,7 @@ def venv(name: str, cache: Path) -> tuple[Path, str]:
     version = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
                               f"print(m.version({DISTRIBUTIONS[name]!r}))"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    stamp.write_text(json.dumps({"version": version}))
+    stamp.write_text(json.dumps({"version": version, "packages": PACKAGES[name]}))
     return python, version
 
 
