@@ -24,15 +24,22 @@ IMAGES_PER_REQUEST = 8
 CONCURRENCY = 16
 
 
-def worker_pids(server: Server, model: str) -> list[int]:
-    """The pids of ``model``'s workers, from the server's JSON log (``worker ready`` lines)."""
-    pids = []
+def worker_ready(server: Server, model: str) -> dict[str, Any]:
+    """The latest ``worker ready`` log line of ``model``'s worker (pid, device, torch_threads), from the server's
+    JSON log; empty when there is none."""
+    found: dict[str, Any] = {}
     for line in server.log.read_text(errors="replace").splitlines():
         if line.startswith("{") and '"worker ready"' in line:
             entry = json.loads(line)
             if str(entry.get("worker", "")).startswith(f"{model}-"):
-                pids.append(int(entry["pid"]))
-    return pids[-1:] if pids else []  # the latest (a restarted worker replaces the earlier one)
+                found = entry  # the latest (a restarted worker replaces the earlier one)
+    return found
+
+
+def worker_pids(server: Server, model: str) -> list[int]:
+    """The pid of ``model``'s worker (empty when the log names none)."""
+    entry = worker_ready(server, model)
+    return [int(entry["pid"])] if "pid" in entry else []
 
 
 def inprocess_images_per_s(bundle: Path, batch: int, device: str, threads: int,
@@ -61,9 +68,12 @@ def inprocess_images_per_s(bundle: Path, batch: int, device: str, threads: int,
 
 
 def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dict[str, float]], rounds: int,
-            duration: float, device: str = "cpu", threads: int = 1, model: str = "cnn") -> dict[str, Any]:
+            duration: float, device: str = "cpu", threads: int | None = None, model: str = "cnn") -> dict[str, Any]:
     """Serve-vs-in-process rounds for the CNN; ``drive(request, concurrency, duration)`` runs the load (wrk or
-    :mod:`bench.pyload`) and returns its summary."""
+    :mod:`bench.pyload`) and returns its summary. The in-process forward uses ``threads`` torch threads, by
+    default the worker's own count (its ``worker ready`` log line)."""
+    if threads is None:
+        threads = int(worker_ready(server, model).get("torch_threads") or 1)
     request = v2_binary(model, images(IMAGES_PER_REQUEST))
     drive(request, CONCURRENCY, min(2.0, duration))  # warm-up
     served, inproc, batches, inproc_cpu = [], [], [], []
@@ -86,7 +96,7 @@ def run_cnn(server: Server, bundle: Path, drive: Callable[[Any, int, float], dic
         served.append(result["rps"] * IMAGES_PER_REQUEST)
         served_images += s1 - s0
         batches.append(batch)
-        wall, per_cpu = inprocess_images_per_s(bundle, round(batch), device, threads, duration / 2)
+        wall, per_cpu = inprocess_images_per_s(bundle, round(batch), device, threads, duration)
         inproc.append(wall)
         inproc_cpu.append(per_cpu)
     served_mean, inproc_mean = sum(served) / len(served), sum(inproc) / len(inproc)

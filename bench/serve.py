@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the peers' virtual environments live")
     parser.add_argument("--cnn", action="store_true", help="run only the compute-bound CNN case")
     parser.add_argument("--no-cnn", action="store_true", help="skip the compute-bound CNN case")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of each capsa-serve worker and of the in-process forward (default 1)")
+    parser.add_argument("--threads", type=int,
+                        help="CAPSA_TORCH_THREADS for capsa-serve's workers (default: the server's own default); "
+                             "the CNN's in-process forward uses the worker's count, read from its log")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument("--grpc-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="processes of the gRPC load generator")
@@ -97,8 +98,9 @@ def _load() -> str:
 def start_capsa(registry: Path, logs: Path, args: argparse.Namespace) -> Server:
     """capsa-serve on the registry, REST and gRPC on free ports, CPU workers."""
     port, grpc_port = free_port(), free_port()
-    env = {"CAPSA_ACCESS_LOG": "true" if args.access_log == "on" else "false",
-           "CAPSA_ALLOWED_MODULES": "architecture", "CAPSA_TORCH_THREADS": str(args.threads)}
+    env = {"CAPSA_ACCESS_LOG": "true" if args.access_log == "on" else "false", "CAPSA_ALLOWED_MODULES": "architecture"}
+    if args.threads:
+        env["CAPSA_TORCH_THREADS"] = str(args.threads)
     for item in args.capsa_env:
         key, _, value = item.partition("=")
         env[key] = value
@@ -239,11 +241,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                                args.wrk_threads)
 
             print("CNN case ...", flush=True)
-            result["cnn"] = run_cnn(servers["capsa"], bundles["cnn"], drive, rounds, duration * 2, "cpu",
-                                    args.threads)
+            result["cnn"] = run_cnn(servers["capsa"], bundles["cnn"], drive, rounds, duration * 2, "cpu")
     finally:
         for server in servers.values():
             server.stop()
+        for built in ("registry", "registry-bundles"):  # the logs stay, for reading after the run
+            shutil.rmtree(tmp / built, ignore_errors=True)
     meta["load_after"] = _load()
     result["targets"] = report.targets(result["points"], result.get("cnn"))
     written = report.write(result, args.out)
