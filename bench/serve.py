@@ -47,6 +47,7 @@ from bench.harness import (
 from bench.models import build_registry, grpc_infer, v1, v2_binary, v2_json
 
 CONCURRENCY = (1, 32, 128)
+PEER_SERVERS = ("mlserver", "litserve", "ray-serve")  # bench.peers.PACKAGES' names, without importing it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,11 +221,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 for c in args.concurrency:
                     order = cols[r % len(cols):] + cols[: r % len(cols)]
                     for col in order:
+                        if col.name in unavailable:
+                            continue
                         idle = [s for name, s in servers.items() if name != col.server]
-                        point = measure(col, servers[col.server], c, duration, args, scripts, idle)
+                        try:
+                            point = measure(col, servers[col.server], c, duration, args, scripts, idle)
+                        except (RuntimeError, OSError, ValueError) as exc:
+                            if col.server not in PEER_SERVERS:
+                                raise
+                            unavailable[col.name] = f"failed during the run: {str(exc)[:300]}"  # a peer: drop it
+                            continue
                         measured.setdefault((col.name, c), []).append(point)
                         print(f"round {r + 1}/{rounds} c={c:<4} {col.label:24} {point['rps']:>9,.0f} req/s  "
                               f"p99 {point['p99']:7.2f} ms", flush=True)
+            cols = [col for col in cols if col.name not in unavailable]
             points = [aggregate(col, c, measured[(col.name, c)]) for c in args.concurrency for col in cols]
             by = {(p["column"], p["c"]): p for p in points}
             for p in points:

@@ -136,3 +136,9 @@ def test_overhead_dispatches_to_capsa_overhead(capsys: pytest.CaptureFixture[str
         main(["overhead", "--help"])  # capsa_overhead.py parses its own options
     assert exc.value.code == 0
     assert "capsa_overhead.py" in capsys.readouterr().out
+
+
+def test_peer_names_agree() -> None:
+    from bench import peers, serve
+
+    assert tuple(peers.PACKAGES) == serve.PEER_SERVERS == tuple(peers.DISTRIBUTIONS)
