@@ -14,7 +14,6 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import capsa
 from capsa import neo, sample, vote
 
 _spec = importlib.util.spec_from_file_location("cubic", Path(__file__).parents[2] / "examples" / "cubic.py")
@@ -52,25 +51,44 @@ def test_toy_sculpt_risk_tracks_the_true_noise(grid: torch.Tensor) -> None:
     assert spearmanr(r[inside].numpy(), cubic.noise_std(x[inside]).numpy()).statistic >= 0.6
 
 
+#: Training seeds (each also draws its own training set) of the coverage comparison; fixed, averaged over.
+COVERAGE_SEEDS = (0, 1, 2, 3)
+
+
 @pytest.mark.slow
 def test_toy_composed_total_covers_the_truth_better_than_either_component() -> None:
-    """vote(sculpt): the 90% interval from ``risk.total`` is closer to 90% coverage than the one from the epistemic
-    component alone and at least as close as the aleatoric one, inside the training range and outside it.
+    """vote(sculpt)'s 90% interval from ``risk.total`` against sculpt alone and vote alone (each trained by its
+    recipe, 1,500 steps, on the same four seeds and training sets), on 20,000 fresh draws of the truth on [-6, 6]
+    (about 13,300 inside the training range [-4, 4], 6,700 outside), coverage averaged over the seeds.
 
-    Measured (torch 2.13 CPU): total 0.892 inside / 0.391 outside, aleatoric 0.891 / 0.385, epistemic 0.126 /
-    0.072: the voters share their trunk, so their spread outside the data is small and total gains little there."""
-    model = cubic.train("vote(sculpt)", steps=1500)
-    x, y = cubic.make_data(4000, -6.0, 6.0, seed=7)  # fresh draws of the truth, inside and outside [-4, 4]
-    with torch.no_grad():
-        pred, risk = model(x, return_risk=True)
-    assert isinstance(risk, capsa.Risk)
-    inside = x.abs().squeeze() <= 4
-    for region in (inside, ~inside):
-        miss = {}
-        for name, spread in [("total", risk.total), ("aleatoric", risk.aleatoric), ("epistemic", risk.epistemic)]:
-            covered = ((y - pred).abs() <= 1.645 * spread).squeeze()[region].float().mean().item()
-            miss[name] = abs(covered - 0.9)
-        assert miss["total"] <= miss["aleatoric"] and miss["total"] < miss["epistemic"], miss
+    Measured (torch 2.13 CPU; per seed in README): inside, composed 0.900, sculpt 0.895, vote 0.156; outside,
+    composed 0.454, sculpt 0.406, vote 0.096. Sampling error of one coverage here is about 0.003 inside and 0.006
+    outside; the seeds vary far more (sculpt alone covers 0.29 to 0.54 outside, depending on the seed).
+
+    - Outside, the claim holds: composed closer to 0.9 than both, by more than 0.02 (twice the pooled sampling
+      error, 0.006 / sqrt(4) per mean, with room for the seeds), because its epistemic part adds the voters'
+      disagreement to the aleatoric spread there.
+    - Inside, composed and sculpt alone are both calibrated (their aleatoric spreads learn the same noise and the
+      voters agree on the data: the epistemic part alone covers 0.16), so "closer than sculpt" is a coin toss at
+      the 0.01 level (per seed, sculpt was the closer one in 2 of 4). The test asserts the honest form: composed no
+      further from 0.9 than sculpt by more than 0.01, and far closer than vote.
+    """
+    x, y = cubic.make_data(20000, -6.0, 6.0, seed=cubic.HELD_OUT_SEED)
+    mean: dict[str, dict[str, float]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the figures above: float sums, hence training, depend on the thread count
+    try:
+        for kind, spread in (("vote(sculpt)", "total"), ("sculpt", "risk"), ("vote", "risk")):
+            runs = [cubic.coverage(cubic.train(kind, steps=1500, seed=s), x, y)[spread] for s in COVERAGE_SEEDS]
+            mean[kind] = {region: float(np.mean([r[region] for r in runs])) for region in ("inside", "outside")}
+    finally:
+        torch.set_num_threads(threads)
+    miss = {kind: {region: abs(c - 0.9) for region, c in cov.items()} for kind, cov in mean.items()}
+    composed, sculpt_alone, vote_alone = miss["vote(sculpt)"], miss["sculpt"], miss["vote"]
+    assert composed["outside"] < sculpt_alone["outside"] - 0.02, mean
+    assert composed["outside"] < vote_alone["outside"] - 0.02, mean
+    assert composed["inside"] <= sculpt_alone["inside"] + 0.01, mean
+    assert composed["inside"] < vote_alone["inside"] - 0.5, mean
 
 
 # ------------------------------------------------------------------ classification on real data
