@@ -61,8 +61,8 @@ def test_toy_composed_total_covers_the_truth_better_than_either_component() -> N
     recipe, 1,500 steps, on the same four seeds and training sets), on 20,000 fresh draws of the truth on [-6, 6]
     (about 13,300 inside the training range [-4, 4], 6,700 outside), coverage averaged over the seeds.
 
-    Measured (torch 2.13 CPU; per seed in README): inside, composed 0.900, sculpt 0.895, vote 0.156; outside,
-    composed 0.454, sculpt 0.406, vote 0.096. Sampling error of one coverage here is about 0.003 inside and 0.006
+    Measured (torch 2.13 CPU, one thread; ranges in README): inside, composed 0.900, sculpt 0.895, vote 0.149;
+    outside, composed 0.454, sculpt 0.406, vote 0.092. Sampling error of one coverage here is about 0.003 inside and 0.006
     outside; the seeds vary far more (sculpt alone covers 0.29 to 0.54 outside, depending on the seed).
 
     - Outside, the claim holds: composed closer to 0.9 than both, by more than 0.02 (twice the pooled sampling
@@ -70,7 +70,7 @@ def test_toy_composed_total_covers_the_truth_better_than_either_component() -> N
       disagreement to the aleatoric spread there.
     - Inside, composed and sculpt alone are both calibrated (their aleatoric spreads learn the same noise and the
       voters agree on the data: the epistemic part alone covers 0.16), so "closer than sculpt" is a coin toss at
-      the 0.01 level (per seed, sculpt was the closer one in 2 of 4). The test asserts the honest form: composed no
+      the 0.01 level (per seed, sculpt was the closer one in 3 of 4). The test asserts the honest form: composed no
       further from 0.9 than sculpt by more than 0.01, and far closer than vote.
     """
     x, y = cubic.make_data(20000, -6.0, 6.0, seed=cubic.HELD_OUT_SEED)
