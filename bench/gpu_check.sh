@@ -53,4 +53,4 @@ echo "== wrapper overhead on an idle CPU (1 thread)"
 timeout 120 python3 bench/capsa_overhead.py --device cpu --threads 1
 
 echo "== served path on cuda"
-timeout 180 python3 bench/serve_gpu_check.py
+timeout 240 python3 bench/serve_gpu_check.py
