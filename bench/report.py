@@ -93,20 +93,22 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(14, 4.5))
     labels = list(dict.fromkeys(p["label"] for p in result["points"]))
     for label in labels:
         pts = sorted((p for p in result["points"] if p["label"] == label), key=lambda p: p["c"])
         cs = [p["c"] for p in pts]
         ax_rps.plot(cs, [p["rps"] for p in pts], marker="o", label=label)
         ax_p99.plot(cs, [p["p99"] for p in pts], marker="o", label=label)
+    concurrencies = sorted({p["c"] for p in result["points"]})
     for ax, title in ((ax_rps, "throughput (req/s)"), (ax_p99, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    ax_p99.set_yscale("log")
-    ax_rps.legend(fontsize=7)
+    ax_p99.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{result['meta']['command']} ({result['meta']['date']}, load {result['meta']['load_before']})",
                  fontsize=9)
     fig.tight_layout()
