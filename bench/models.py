@@ -48,9 +48,9 @@ def build_registry(root: Path, kinds: tuple[str, ...] = ("mlp",)) -> dict[str, P
     return bundles
 
 
-def sample_row() -> np.ndarray:
-    """The one input sample every single-sample request carries (fixed seed)."""
-    return np.random.default_rng(0).standard_normal((1, IN_FEATURES)).astype(np.float32)
+def sample_row(n: int = 1) -> np.ndarray:
+    """The ``n`` input samples a request carries (fixed seed; the first is always the same)."""
+    return np.random.default_rng(0).standard_normal((n, IN_FEATURES)).astype(np.float32)
 
 
 def v2_json(model: str = "mlp", x: np.ndarray | None = None, path: str | None = None) -> Request:
@@ -72,9 +72,10 @@ def v2_binary(model: str = "mlp", x: np.ndarray | None = None) -> Request:
                    {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})
 
 
-def v1(model: str = "mlp") -> Request:
-    """A V1 ``:predict`` request of one instance."""
-    body = json.dumps({"instances": [[round(float(v), 6) for v in sample_row()[0]]]}, separators=(",", ":"))
+def v1(model: str = "mlp", n: int = 1) -> Request:
+    """A V1 ``:predict`` request of ``n`` instances."""
+    rows = [[round(float(v), 6) for v in row] for row in sample_row(n)]
+    body = json.dumps({"instances": rows}, separators=(",", ":"))
     return Request(f"/v1/models/{model}:predict", body.encode(), {"Content-Type": "application/json"})
 
 

@@ -38,7 +38,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"`{meta['command']}` on {meta['machine']}, {meta['date']}; load average {meta['load_before']} before, "
         f"{meta['load_after']} after; {meta['rounds']} interleaved round(s) of {meta['duration']:g} s per point; "
-        f"HTTP load: wrk -t{meta['wrk_threads']}; gRPC load: {meta['grpc_processes']} Python grpc.aio processes.",
+        f"{meta.get('samples_per_request', 1)} sample(s) per request; HTTP load: wrk -t{meta['wrk_threads']}; "
+        f"gRPC load: {meta['grpc_processes']} Python grpc.aio processes.",
         "",
         "| c | server | x floor | req/s | p50 ms | p99 ms | mean batch | server CPU us/req | client CPU |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -44,7 +44,7 @@ from bench.harness import (
     wait_for_port,
     wrk_script,
 )
-from bench.models import build_registry, grpc_infer, v1, v2_binary, v2_json
+from bench.models import build_registry, grpc_infer, sample_row, v1, v2_binary, v2_json
 
 CONCURRENCY = (1, 32, 128)
 PEER_SERVERS = ("mlserver", "litserve", "ray-serve")  # bench.peers.PACKAGES' names, without importing it
@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="seconds per point per round")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(c) for c in s.split(",")), default=CONCURRENCY,
                         help="comma-separated concurrencies (default 1,32,128)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="samples per request (default 1; the floors get the same JSON body, peers 1 sample)")
     parser.add_argument("--peers", action="store_true",
                         help="also MLServer, LitServe and Ray Serve, each in its own virtual environment under "
                              "--peers-cache (created on first use; a peer that fails to install is reported "
@@ -165,16 +167,17 @@ def aggregate(column: Column, c: int, rounds: list[dict[str, float]]) -> dict[st
     return point
 
 
-def columns(peer_columns: list[Column]) -> list[Column]:
-    """The columns of the run, floors first."""
+def columns(peer_columns: list[Column], samples: int = 1) -> list[Column]:
+    """The columns of the run, floors first; capsa's requests carry ``samples`` samples each."""
+    x = sample_row(samples)
     return [
-        Column("floor-asgi", "bare ASGI floor", "floor-asgi", "wrk", v2_json(path="/")),
-        Column("floor-fastapi", "FastAPI echo floor", "floor-fastapi", "wrk", v2_json(path="/echo")),
-        Column("v2-json", "capsa V2 JSON", "capsa", "wrk", v2_json(), model="mlp"),
-        Column("v2-binary", "capsa V2 binary", "capsa", "wrk", v2_binary(), model="mlp"),
-        Column("v1", "capsa V1", "capsa", "wrk", v1(), model="mlp"),
-        Column("floor-grpc", "bare grpc.aio floor", "floor-grpc", "grpc", grpc_infer(), floor="floor-grpc"),
-        Column("grpc", "capsa gRPC", "capsa", "grpc", grpc_infer(), floor="floor-grpc", model="mlp"),
+        Column("floor-asgi", "bare ASGI floor", "floor-asgi", "wrk", v2_json(x=x, path="/")),
+        Column("floor-fastapi", "FastAPI echo floor", "floor-fastapi", "wrk", v2_json(x=x, path="/echo")),
+        Column("v2-json", "capsa V2 JSON", "capsa", "wrk", v2_json(x=x), model="mlp"),
+        Column("v2-binary", "capsa V2 binary", "capsa", "wrk", v2_binary(x=x), model="mlp"),
+        Column("v1", "capsa V1", "capsa", "wrk", v1(n=samples), model="mlp"),
+        Column("floor-grpc", "bare grpc.aio floor", "floor-grpc", "grpc", grpc_infer(x=x), floor="floor-grpc"),
+        Column("grpc", "capsa gRPC", "capsa", "grpc", grpc_infer(x=x), floor="floor-grpc", model="mlp"),
         *peer_columns,
     ]
 
@@ -195,7 +198,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_before": _load(), "rounds": rounds,
             "duration": duration, "wrk_threads": args.wrk_threads, "grpc_processes": args.grpc_processes,
             "capsa_torch_threads": args.threads, "capsa_access_log": args.access_log,
-            "capsa_env": args.capsa_env, "logs": str(logs)}
+            "capsa_env": args.capsa_env, "samples_per_request": args.samples, "logs": str(logs)}
     print(f"bench: {meta['command']}; logs in {logs}", flush=True)
     kinds = ("mlp",) if args.no_cnn else ("cnn",) if args.cnn else ("mlp", "cnn")
     bundles = build_registry(tmp / "registry", kinds)
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 from bench import peers
 
                 peer_columns = peers.start_all(bundles["mlp"], args.peers_cache, logs, servers, unavailable)
-            cols = columns(peer_columns)
+            cols = columns(peer_columns, args.samples)
             scripts = {col.name: wrk_script(col.request, tmp) for col in cols if isinstance(col.request, Request)}
             for col in cols:  # warm-up: every server, every code path
                 measure(col, servers[col.server], 8, 1.0, args, scripts)

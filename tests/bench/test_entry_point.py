@@ -25,7 +25,17 @@ def test_serve_arguments_parse() -> None:
     assert args.capsa_env == ["CAPSA_TORCH_THREADS=2"]
     defaults = parser().parse_args(["serve"])
     assert defaults.concurrency == CONCURRENCY == (1, 32, 128)
-    assert not defaults.peers and not defaults.cnn
+    assert not defaults.peers and not defaults.cnn and defaults.samples == 1
+
+
+def test_columns_carry_the_requested_samples() -> None:
+    from bench.serve import columns
+
+    by = {col.name: col for col in columns([], samples=8)}
+    assert json.loads(by["v2-json"].request.body)["inputs"][0]["shape"] == [8, 64]  # type: ignore[union-attr]
+    assert len(json.loads(by["v1"].request.body)["instances"]) == 8  # type: ignore[union-attr]
+    assert by["v2-binary"].request.headers["Content-Type"] == "application/octet-stream"  # type: ignore[union-attr]
+    assert by["grpc"].floor == "floor-grpc" and by["v2-json"].floor == "floor-asgi"
 
 
 def test_unknown_subcommand_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
