@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="Port of the KServe V2 gRPC service and grpc.health.v1, on the same host "
                                           "(0: no gRPC)."
     )
+    http_processes: int = Field(
+        1, ge=1, le=64, description="HTTP front-end processes listening on the port (SO_REUSEPORT), sharing the "
+                                    "model workers and their batches: above 1 when one Python process's HTTP "
+                                    "handling is the bottleneck and cores are free (service.frontends)."
+    )
     devices: str = Field(
         "auto", description='"auto" (every visible CUDA device, else the CPU), "cpu", or "cuda:0,cuda:1".'
     )

@@ -1,0 +1,66 @@
+"""One framed Unix-socket connection between the primary and a secondary front end, on the asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from service.workers.codec import FrameReader, encode
+from service.workers.messages import Message
+
+log = logging.getLogger("capsa.serve.frontends")
+
+
+class Channel(asyncio.BufferedProtocol):
+    """Frames in (to ``on_message``), frames out (:meth:`send`); a malformed frame closes the connection."""
+
+    def __init__(self, on_message: Callable[[Channel, Message], None],
+                 on_lost: Callable[[Channel], None]) -> None:
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.index = 0  # the secondary's index (set by its Hello on the primary's side)
+
+    @property
+    def open(self) -> bool:
+        """Connected and not closing."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            messages = self.reader.feed(nbytes)
+        except Exception as exc:  # a malformed frame: the stream cannot be trusted any more
+            log.error("malformed frame between front ends; closing the connection",
+                      extra={"frontend": self.index, "error": f"{type(exc).__name__}: {exc}"})
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for message in messages:
+            self.on_message(self, message)
+
+    def send(self, message: Message) -> bool:
+        """Queue ``message`` (whole frames: the transport buffers); False when the connection is gone."""
+        if not self.open:
+            return False
+        assert self.transport is not None
+        self.transport.writelines(encode(message))
+        return True
+
+    def close(self) -> None:
+        """Close after what is queued is written."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(self)

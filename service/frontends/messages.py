@@ -1,0 +1,87 @@
+"""What the primary process and its secondary HTTP front ends exchange, framed by :mod:`service.workers.codec`.
+
+Secondary to primary: :class:`Hello` once, then :class:`Forward` per inference request (the decoded, validated
+input tensor) and :class:`MetricsText` when asked. Primary to secondary: :class:`Catalog` (the served versions,
+whenever they change), :class:`Forwarded` per request (the request's own rows, or the batcher's error) and
+:class:`MetricsRequest` at scrape time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.workers.codec import register
+from service.workers.messages import Outputs
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A secondary front end connected (``index`` 1.., its process id)."""
+
+    index: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One served model version, as a front end needs it to validate requests and resolve versions.
+
+    ``generation`` changes when the primary replaces the version's object (a reload), so the mirror is rebuilt;
+    ``config`` is the model's config.json as validated JSON.
+    """
+
+    name: str
+    version: int
+    generation: int
+    path: str
+    config: str
+    state: str
+    live_workers: int
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every served model version (sent on connect and whenever a version appears, goes or changes state)."""
+
+    versions: tuple[CatalogEntry, ...]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Queue ``array`` (already checked against the version's signature) on the version's batcher."""
+
+    request_id: int
+    model: str
+    version: int
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The answer to :class:`Forward`: the request's own rows, or ``error_kind`` (a ServeError class name) and
+    ``error``."""
+
+    request_id: int
+    outputs: Outputs | None
+    error_kind: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsRequest:
+    """Send your Prometheus exposition (answered with :class:`MetricsText` and the same ``token``)."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class MetricsText:
+    """A secondary's own Prometheus text exposition."""
+
+    token: int
+    text: str
+
+
+register(Hello, CatalogEntry, Catalog, Forward, Forwarded, MetricsRequest, MetricsText)
