@@ -80,7 +80,7 @@ def main() -> None:
             servers[n] = (proc, f"http://127.0.0.1:{port}")
         results: dict[int, list[dict[str, float]]] = {n: [] for n in servers}
         try:
-            for proc, base in servers.values():
+            for _, base in servers.values():
                 wait_for(f"{base}/v2/health/ready")
                 run_wrk(f"{base}/v2/models/mlp/infer", body, args.connections, 2)  # warm-up
             for n, (proc, base) in servers.items():  # wait until every front end has connected and served

@@ -1,9 +1,10 @@
 """What the primary process and its secondary HTTP front ends exchange, framed by :mod:`service.workers.codec`.
 
-Secondary to primary: :class:`Hello` once, then :class:`Forward` per inference request (the decoded, validated
-input tensor) and :class:`MetricsText` when asked. Primary to secondary: :class:`Catalog` (the served versions,
-whenever they change), :class:`Forwarded` per request (the request's own rows, or the batcher's error) and
-:class:`MetricsRequest` at scrape time.
+Secondary to primary: :class:`Hello` once, then :class:`Forward` for the inference requests of one version that
+arrived in one turn of the event loop (their decoded, validated input tensors, concatenated) and :class:`MetricsText`
+when asked. Primary to secondary: :class:`Catalog` (the served versions, whenever they change), :class:`Forwarded`
+for the requests answered in one turn of the loop (their rows, concatenated: one frame per batch, not per request),
+:class:`Refused` per request the batcher refused or failed, and :class:`MetricsRequest` at scrape time.
 """
 
 from __future__ import annotations
@@ -50,23 +51,32 @@ class Catalog:
 
 @dataclass(frozen=True)
 class Forward:
-    """Queue ``array`` (already checked against the version's signature) on the version's batcher."""
+    """Queue requests (already checked against the version's signature) on the version's batcher: request
+    ``request_ids[i]`` is ``array[offsets[i]:offsets[i + 1]]``."""
 
-    request_id: int
     model: str
     version: int
+    request_ids: tuple[int, ...]
     array: np.ndarray
+    offsets: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Forwarded:
-    """The answer to :class:`Forward`: the request's own rows, or ``error_kind`` (a ServeError class name) and
-    ``error``."""
+    """The rows of answered requests: request ``request_ids[i]`` gets rows ``offsets[i]:offsets[i + 1]``."""
+
+    request_ids: tuple[int, ...]
+    outputs: Outputs
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request the primary's batcher refused or failed: ``error_kind`` (a ServeError class name) and ``error``."""
 
     request_id: int
-    outputs: Outputs | None
-    error_kind: str = ""
-    error: str = ""
+    error_kind: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -84,4 +94,4 @@ class MetricsText:
     text: str
 
 
-register(Hello, CatalogEntry, Catalog, Forward, Forwarded, MetricsRequest, MetricsText)
+register(Hello, CatalogEntry, Catalog, Forward, Forwarded, Refused, MetricsRequest, MetricsText)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -20,9 +21,11 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +41,7 @@ from service.frontends.messages import (
     Hello,
     MetricsRequest,
     MetricsText,
+    Refused,
 )
 from service.settings import Settings
 from service.workers.messages import Outputs
@@ -219,28 +223,27 @@ class FrontendPool:
                 future.set_result("")
 
     def _forward(self, channel: Channel, message: Forward) -> None:
-        """Queue a forwarded request on its version's batcher, like a local one; answer when its rows are in."""
+        """Queue each forwarded request on its version's batcher, like a local one; answers go back gathered."""
         mv = self.state.manager.models.get(message.model, {}).get(message.version)
-        if mv is None:
-            channel.send(Forwarded(message.request_id, None, "Unavailable",
-                                   "this model version is no longer served; retry later"))
-            return
-        try:
-            future = mv.batcher.submit(message.array)
-        except ServeError as exc:
-            channel.send(Forwarded(message.request_id, None, type(exc).__name__, str(exc)))
-            return
+        for i, request_id in enumerate(message.request_ids):
+            if mv is None:
+                channel.send(Refused(request_id, "Unavailable", "this model version is no longer served; retry "
+                                                                "later"))
+                continue
+            try:
+                future = mv.batcher.submit(message.array[message.offsets[i]:message.offsets[i + 1]])
+            except ServeError as exc:
+                channel.send(Refused(request_id, type(exc).__name__, str(exc)))
+                continue
+            future.add_done_callback(functools.partial(self._answered, channel, id(mv), request_id))
 
-        def done(f: asyncio.Future[Any]) -> None:
-            exc = f.exception()
-            if exc is not None:
-                kind = type(exc).__name__ if isinstance(exc, ServeError) else "ServeError"
-                channel.send(Forwarded(message.request_id, None, kind, str(exc)))
-                return
-            pred, risk, score, components = f.result()
-            channel.send(Forwarded(message.request_id, Outputs(pred, risk, score, tuple(components.items()))))
-
-        future.add_done_callback(done)
+    def _answered(self, channel: Channel, key: Hashable, request_id: int, future: asyncio.Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            kind = type(exc).__name__ if isinstance(exc, ServeError) else "ServeError"
+            channel.send(Refused(request_id, kind, str(exc)))
+        else:
+            channel.later(key, (request_id, future.result()), _send_answers)
 
     # ---------------------------------------------------------------- metrics
     async def secondary_metrics(self) -> list[str]:
@@ -262,6 +265,22 @@ class FrontendPool:
             return [f.result() for f in done if f.result()]
         finally:
             del self._scrapes[token]
+
+
+def _send_answers(channel: Channel, key: Hashable, answers: list[Any]) -> None:
+    """One frame with the rows of every request of one version answered in this turn of the loop."""
+    ids = tuple(request_id for request_id, _ in answers)
+    offsets = [0]
+    for _, rows in answers:
+        offsets.append(offsets[-1] + rows[0].shape[0])
+    if len(answers) == 1:
+        pred, risk, score, components = answers[0][1]
+        outputs = Outputs(pred, risk, score, tuple(components.items()))
+    else:
+        names = list(answers[0][1][3])
+        outputs = Outputs(*(np.concatenate([rows[i] for _, rows in answers]) for i in range(3)),  # type: ignore[call-arg]
+                          components=tuple((n, np.concatenate([rows[3][n] for _, rows in answers])) for n in names))
+    channel.send(Forwarded(ids, outputs, tuple(offsets)))
 
 
 def merge_expositions(primary: str, others: list[str]) -> bytes:

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +34,7 @@ from service.batching import DeadlineExceeded, ModelError, QueueFull, Rows, Serv
 from service.errors import ApiError
 from service.fastpath import ServingMiddleware
 from service.frontends.channel import Channel
-from service.frontends.messages import Catalog, Forward, Forwarded, Hello, MetricsRequest, MetricsText
+from service.frontends.messages import Catalog, Forward, Forwarded, Hello, MetricsRequest, MetricsText, Refused
 from service.frontends.primary import FRONTEND_HEADER
 from service.inference import read_body
 from service.logging import AccessLog
@@ -77,8 +78,9 @@ class PrimaryLink:
         """Send a checked input to the primary's batcher; the future yields the request's own rows."""
         loop = asyncio.get_running_loop()
         request_id = next(self._ids)
-        if self.channel is None or not self.channel.send(Forward(request_id, model, version, array)):
+        if self.channel is None or not self.channel.open:
             raise Unavailable("the server's primary process is not reachable; retry later")
+        self.channel.later((model, version, array.dtype.str, array.shape[1:]), (request_id, array), _send_requests)
         future: asyncio.Future[Rows] = loop.create_future()
         timer = loop.call_later(timeout_s + _SAFETY_S, self._expire, request_id)
         self.pending[request_id] = (future, timer)
@@ -91,18 +93,19 @@ class PrimaryLink:
 
     def _received(self, channel: Channel, message: Any) -> None:
         if isinstance(message, Forwarded):
+            outputs, offsets = message.outputs, message.offsets
+            for i, request_id in enumerate(message.request_ids):
+                entry = self.pending.pop(request_id, None)
+                if entry is not None:
+                    entry[1].cancel()
+                    if not entry[0].done():
+                        entry[0].set_result(outputs.rows(offsets[i], offsets[i + 1]))
+        elif isinstance(message, Refused):
             entry = self.pending.pop(message.request_id, None)
-            if entry is None:
-                return
-            future, timer = entry
-            timer.cancel()
-            if future.done():
-                return
-            if message.outputs is not None:
-                outputs = message.outputs
-                future.set_result(outputs.rows(0, outputs.prediction.shape[0]))
-            else:
-                future.set_exception(_ERRORS.get(message.error_kind, ServeError)(message.error))
+            if entry is not None:
+                entry[1].cancel()
+                if not entry[0].done():
+                    entry[0].set_exception(_ERRORS.get(message.error_kind, ServeError)(message.error))
         elif isinstance(message, Catalog):
             self.catalog = message
             if self.on_catalog is not None:
@@ -127,6 +130,16 @@ class PrimaryLink:
         """Close the connection (what is queued is still written)."""
         if self.channel is not None:
             self.channel.close()
+
+
+def _send_requests(channel: Channel, key: Hashable, requests: list[Any]) -> None:
+    """One frame with every request of one version (and input shape) that arrived in this turn of the loop."""
+    model, version = key[0], key[1]  # type: ignore[index]
+    offsets = [0]
+    for _, array in requests:
+        offsets.append(offsets[-1] + array.shape[0])
+    array = requests[0][1] if len(requests) == 1 else np.concatenate([a for _, a in requests])
+    channel.send(Forward(model, version, tuple(r for r, _ in requests), array, tuple(offsets)))
 
 
 class RemoteBatcher:
