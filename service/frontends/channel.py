@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
+from service.frontends.messages import FrontendMessage
 from service.workers.codec import FrameReader, encode
 from service.workers.messages import Message
 
@@ -21,7 +22,7 @@ log = logging.getLogger("capsa.serve.frontends")
 class Channel(asyncio.BufferedProtocol):
     """Frames in (to ``on_message``), frames out (:meth:`send`); a malformed frame closes the connection."""
 
-    def __init__(self, on_message: Callable[[Channel, Message], None],
+    def __init__(self, on_message: Callable[[Channel, Any], None],
                  on_lost: Callable[[Channel], None]) -> None:
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
@@ -54,12 +55,12 @@ class Channel(asyncio.BufferedProtocol):
         for message in messages:
             self.on_message(self, message)
 
-    def send(self, message: Message) -> bool:
+    def send(self, message: FrontendMessage) -> bool:
         """Queue ``message`` (whole frames: the transport buffers); False when the connection is gone."""
         if not self.open:
             return False
         assert self.transport is not None
-        self.transport.writelines(encode(message))
+        self.transport.writelines(encode(cast(Message, message)))  # the codec carries registered types too
         return True
 
     def later(self, key: Hashable, item: Any, flush: Callable[[Channel, Hashable, list[Any]], None]) -> None:

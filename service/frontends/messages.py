@@ -94,4 +94,6 @@ class MetricsText:
     text: str
 
 
+FrontendMessage = Hello | Catalog | Forward | Forwarded | Refused | MetricsRequest | MetricsText
+
 register(Hello, CatalogEntry, Catalog, Forward, Forwarded, Refused, MetricsRequest, MetricsText)

@@ -278,8 +278,10 @@ def _send_answers(channel: Channel, key: Hashable, answers: list[Any]) -> None:
         outputs = Outputs(pred, risk, score, tuple(components.items()))
     else:
         names = list(answers[0][1][3])
-        outputs = Outputs(*(np.concatenate([rows[i] for _, rows in answers]) for i in range(3)),  # type: ignore[call-arg]
-                          components=tuple((n, np.concatenate([rows[3][n] for _, rows in answers])) for n in names))
+        outputs = Outputs(np.concatenate([rows[0] for _, rows in answers]),
+                          np.concatenate([rows[1] for _, rows in answers]),
+                          np.concatenate([rows[2] for _, rows in answers]),
+                          tuple((n, np.concatenate([rows[3][n] for _, rows in answers])) for n in names))
     channel.send(Forwarded(ids, outputs, tuple(offsets)))
 
 
@@ -317,7 +319,7 @@ def merge_expositions(primary: str, others: list[str]) -> bytes:
         def collect(self) -> Any:
             return families.values()
 
-    return generate_latest(_Merged())  # type: ignore[arg-type]
+    return generate_latest(_Merged())
 
 
 class _PrimaryApp:
