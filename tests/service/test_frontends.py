@@ -335,3 +335,28 @@ def test_merged_metrics_sum_counters_and_histograms_keep_the_primarys_gauges() -
     assert float(lines['capsa_pending{model="m"}']) == 7  # gauges are the primary's
     assert 'capsa_pending{model="s"}' not in lines
     assert merged.decode().count("# TYPE capsa_requests_total counter") == 1
+
+
+@slow
+def test_sigterm_drains_requests_in_flight_on_every_front_end(tmp_path: Path) -> None:
+    """SIGTERM while requests are running on every front end: each is answered 200, then the server exits 0."""
+    root, work = tmp_path / "registry", tmp_path / "bundles"
+    add_model(root, work, "slow", "sculpt", arch="sleepy", config={"max_batch_size": 1})
+    server = ServerProcess(root, tmp_path / "server.log", env={"CAPSA_HTTP_PROCESSES": "3",
+                                                               "CAPSA_DRAIN_TIMEOUT_S": "30"})
+    try:
+        server.wait_ready()
+        wait_for(lambda: len(set(secondaries(server))) == 2, "two secondary front ends", server)
+        url = server.url + "/v2/models/slow/infer"
+        with ThreadPoolExecutor(10) as pool:  # one at a time on the one worker: 0.3 s each
+            futures = [pool.submit(post, url, v2(np.full((1, 4), 400, np.float32))) for _ in range(10)]
+            wait_for(lambda: metric(scrape(server), "capsa_inference_pending_requests", "slow") == 10,
+                     "ten requests in flight", server)
+            server.proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+        # 10 connections over 3 processes: all on the primary has odds 3^-10
+        assert {frontend(r) for r in responses} - {"0"}, "no request went to a secondary front end"
+        assert server.proc.wait(TIMEOUT) == 0, server.log()[-3000:]
+    finally:
+        server.stop()
