@@ -348,10 +348,15 @@ def test_sigterm_drains_requests_in_flight_on_every_front_end(tmp_path: Path) ->
         server.wait_ready()
         wait_for(lambda: len(set(secondaries(server))) == 2, "two secondary front ends", server)
         url = server.url + "/v2/models/slow/infer"
-        with ThreadPoolExecutor(10) as pool:  # one at a time on the one worker: 0.3 s each
-            futures = [pool.submit(post, url, v2(np.full((1, 4), 400, np.float32))) for _ in range(10)]
-            wait_for(lambda: metric(scrape(server), "capsa_inference_pending_requests", "slow") == 10,
-                     "ten requests in flight", server)
+        def arrived() -> bool:  # every request reached the primary's batcher (queued, running or answered)
+            text = scrape(server)
+            return (metric(text, "capsa_inference_pending_requests", "slow")
+                    + metric(text, "capsa_inference_request_success_total", "slow")) == 10
+
+        with ThreadPoolExecutor(10) as pool:  # one at a time on the one worker: 4 s, then 0.1 s each
+            futures = [pool.submit(post, url, v2(np.full((1, 4), 4100 if i == 0 else 200, np.float32)))
+                       for i in range(10)]
+            wait_for(arrived, "ten requests at the primary", server)
             server.proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
