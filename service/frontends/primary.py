@@ -90,6 +90,8 @@ class FrontendPool:
         self._catalog: tuple[CatalogEntry, ...] | None = None
         self._tokens = itertools.count(1)
         self._scrapes: dict[int, dict[int, asyncio.Future[str]]] = {}
+        self._last: dict[Channel, str] = {}  # each connected secondary's latest exposition (pushed or scraped)
+        self._retired = ""  # the counters and histograms of secondaries that exited, summed (see secondary_metrics)
 
     # ---------------------------------------------------------------- the app layer
     def wrap(self, app: ASGIApp) -> _PrimaryApp:
@@ -203,6 +205,7 @@ class FrontendPool:
         if isinstance(message, Forward):
             self._forward(channel, message)
         elif isinstance(message, MetricsText):
+            self._last[channel] = message.text
             future = self._scrapes.get(message.token, {}).get(channel.index)
             if future is not None and not future.done():
                 future.set_result(message.text)
@@ -217,6 +220,9 @@ class FrontendPool:
     def _lost(self, channel: Channel) -> None:
         if self.channels.get(channel.index) is channel:
             del self.channels[channel.index]
+        last = self._last.pop(channel, "")
+        if last:  # keep what it counted: a sum that went down would read as a counter reset
+            self._retired = merge_expositions(self._retired, [last]).decode()
         for waiting in self._scrapes.values():
             future = waiting.get(channel.index)
             if future is not None and not future.done():
@@ -247,9 +253,16 @@ class FrontendPool:
 
     # ---------------------------------------------------------------- metrics
     async def secondary_metrics(self) -> list[str]:
-        """Every connected secondary's own exposition (one that does not answer in time is left out, logged)."""
+        """Every connected secondary's own exposition, fresh (one that does not answer in time: its latest push,
+        logged), plus what the secondaries that exited had counted.
+
+        Secondaries push their exposition every second and at shutdown, and the primary keeps each one's latest,
+        so a restarted front end's counts stay in the sum: exact after a clean stop, short of at most its last
+        second's requests after a crash.
+        """
+        retired = [self._retired] if self._retired else []
         if not self.channels:
-            return []
+            return retired
         token = next(self._tokens)
         loop = asyncio.get_running_loop()
         waiting = {index: loop.create_future() for index in self.channels}
@@ -258,11 +271,11 @@ class FrontendPool:
             for index, channel in list(self.channels.items()):
                 if not channel.send(MetricsRequest(token)):
                     waiting[index].set_result("")
-            done, pending = await asyncio.wait(list(waiting.values()), timeout=_METRICS_TIMEOUT_S)
+            _, pending = await asyncio.wait(list(waiting.values()), timeout=_METRICS_TIMEOUT_S)
             if pending:
-                log.warning("a front end did not send its metrics in time; this scrape lacks its counts",
+                log.warning("a front end did not send its metrics in time; this scrape has its latest push",
                             extra={"frontends": [i for i, f in waiting.items() if not f.done()]})
-            return [f.result() for f in done if f.result()]
+            return [text for text in self._last.values() if text] + retired
         finally:
             del self._scrapes[token]
 

@@ -49,6 +49,7 @@ _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (
     ServeError, QueueFull, Unavailable, DeadlineExceeded, ModelError)}
 _SAFETY_S = 5.0  # past the server's own deadline plus this, a forwarded request the primary never answered is 504
 _CONNECT_TIMEOUT_S = 60.0
+_PUSH_METRICS_S = 1.0  # how often the primary gets this front end's counts unasked (kept if this process dies)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"x-request-id",
                b"upgrade", b"te", b"trailer", b"proxy-connection", b"date", b"server"}
 
@@ -66,6 +67,7 @@ class PrimaryLink:
         self.first_catalog = asyncio.Event()
         self.on_catalog: Any = None
         self.on_lost: Any = None
+        self._push_timer: asyncio.TimerHandle | None = None
 
     async def connect(self, path: str) -> None:
         """Connect to the primary and introduce this front end."""
@@ -73,6 +75,17 @@ class PrimaryLink:
         _, channel = await loop.create_unix_connection(lambda: Channel(self._received, self._lost), path)
         self.channel = channel
         channel.send(Hello(self.index, os.getpid()))
+        self._push_timer = loop.call_later(_PUSH_METRICS_S, self._push)
+
+    def _push(self) -> None:
+        self.push_metrics()
+        if self.channel is not None:
+            self._push_timer = asyncio.get_running_loop().call_later(_PUSH_METRICS_S, self._push)
+
+    def push_metrics(self, token: int = 0) -> None:
+        """Send this front end's exposition to the primary (``token``: the scrape asking for it; 0 unasked)."""
+        if self.channel is not None:
+            self.channel.send(MetricsText(token, generate_latest(self.metrics.registry).decode()))
 
     def forward(self, model: str, version: int, array: np.ndarray, timeout_s: float) -> asyncio.Future[Rows]:
         """Send a checked input to the primary's batcher; the future yields the request's own rows."""
@@ -112,7 +125,7 @@ class PrimaryLink:
                 self.on_catalog(message)
             self.first_catalog.set()
         elif isinstance(message, MetricsRequest):
-            channel.send(MetricsText(message.token, generate_latest(self.metrics.registry).decode()))
+            self.push_metrics(message.token)
         else:
             log.error("unexpected message from the primary", extra={"type": type(message).__name__})
 
@@ -127,7 +140,10 @@ class PrimaryLink:
             self.on_lost()
 
     def close(self) -> None:
-        """Close the connection (what is queued is still written)."""
+        """Send the final counts, then close the connection (what is queued is still written)."""
+        if self._push_timer is not None:
+            self._push_timer.cancel()
+        self.push_metrics()
         if self.channel is not None:
             self.channel.close()
 

@@ -263,10 +263,9 @@ def test_metrics_are_summed_over_front_ends(fleet: dict[str, Any]) -> None:
 
 @slow
 def test_killed_front_end_is_restarted_and_serves(fleet: dict[str, Any]) -> None:
+    """A secondary killed with SIGKILL is restarted and serves again, and what it had counted stays in the sums
+    (a total that went down would read as a counter reset)."""
     server: ServerProcess = fleet["server"]
-    victim = secondaries(server)[-1]
-    os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: secondaries(server)[-1] != victim, "a new secondary front end", server)
     x = np.ones((1, 4), np.float32)
 
     def send() -> list[httpx.Response]:
@@ -277,6 +276,13 @@ def test_killed_front_end_is_restarted_and_serves(fleet: dict[str, Any]) -> None
         return responses
 
     until_both(send)
+    before = metric(scrape(server), "capsa_inference_request_success_total", "vote")  # nothing in flight: exact
+    victim = secondaries(server)[-1]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: secondaries(server)[-1] != victim, "a new secondary front end", server)
+    assert metric(scrape(server), "capsa_inference_request_success_total", "vote") == before
+    served = len(until_both(send))
+    assert metric(scrape(server), "capsa_inference_request_success_total", "vote") == before + served
 
 
 @slow
