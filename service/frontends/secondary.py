@@ -330,6 +330,7 @@ def main() -> int:
     config = orjson.loads(sys.stdin.buffer.read())
     settings = Settings(**config["settings"])
     configure_logging(settings.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request (the access log has it)
     np.seterr(over="ignore")  # as in the primary (service.cli): an overflow is an inf to refuse, not a warning
     app = SecondaryApp(settings, int(config["index"]), config["forward_path"], config["http_path"])
     try:
