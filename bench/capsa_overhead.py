@@ -1,12 +1,13 @@
 """Cost of risk: wrapped-with-risk forward time / plain forward time, per wrapper, measured in one run.
 
-    python bench/capsa_overhead.py [--device cpu|cuda] [--threads N]
+    python bench/capsa_overhead.py [--device cpu|cuda] [--threads N] [--classifier-only]
 
 Batch 64, eval mode, under `torch.inference_mode()`. Models: an MLP 64-256-256-1 and a small CNN (two conv-BN-ReLU
 blocks and a Linear head on 1x28x28 images), under each wrapper and the composed stacks. For scale it also times
 the two ways of running 8 full copies of the model: a Python loop and `torch.func.vmap` over stacked copies.
 Last, a 10-class MLP classifier at batch 1000, where the reduction over the members' probabilities dominates if
-it is not cheap (vote(5) should stay within 2x the plain forward).
+it is not cheap (vote(5) should stay within 2x the plain forward); for that reduction it also counts, with
+`torch.profiler`, the kernels it launches (CUDA) or the aten ops it calls (CPU), against `torch.std_mean`.
 """
 
 from __future__ import annotations
@@ -55,11 +56,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--classifier-only", action="store_true", help="only the 10-class case")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch=64")
+    if args.classifier_only:
+        classifier(device)
+        return
     wrappers = {
         "sculpt": lambda: sculpt.Wrapper(),
         "vote (8 voters)": lambda: vote.Wrapper(n_voters=8),
@@ -109,6 +114,27 @@ def classifier(device: str) -> None:
 
     new = seconds(lambda v: reduce_members(v, "classification", -1), members, device)
     print(f"  reduction of [5, 1000, 10]: torch.std_mean {old * 1e6:.0f} us, capsa {new * 1e6:.0f} us")
+    unit = "CUDA kernels" if device == "cuda" else "aten ops"
+    for task in ("classification", "regression"):
+        count = kernels(lambda v, t=task: reduce_members(v, t, -1), members, device)
+        print(f"  {task} reduction: {count} {unit} (torch.std_mean: {kernels(torch.std_mean, members, device)})")
+
+
+def kernels(fn, x: torch.Tensor, device: str) -> int:
+    """Kernels `fn(x)` launches on CUDA, or top-level aten ops it calls on CPU (each at least one kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode():
+        fn(x)
+        with profile(activities=activities) as prof:
+            fn(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    events = prof.events()
+    if device == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
 
 
 def full_copies(model: nn.Module, x: torch.Tensor, device: str) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA machine, as one short run (see README "Performance"):
 #   capsa's CUDA tests, TF32's effect on batch invariance, wrapper overhead on the GPU and on an idle CPU,
-#   and the served path on cuda (bench/serve_gpu_check.py).
+#   and the served path on cuda (bench/serve_gpu_check.py, which ends with the compute-bound CNN case on cuda:0:
+#   served images/s against the in-process forward). Without a CUDA device it says so and exits 0.
 # Usage, from the repository root on the GPU machine: bash bench/gpu_check.sh
 # Wheels missing there (fastapi, pydantic, ...) may be carried in .whl/ (see the device notes in the closing note).
 set -u
@@ -12,6 +13,10 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "SKIP: no CUDA device here (bench/gpu_check.sh needs a GPU machine)"
+    exit 0
+fi
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 echo "== capsa CUDA tests"

@@ -3,7 +3,10 @@
 Builds a registry with one model per wrapper, serves it with ``--devices auto`` (which must pick the CUDA
 devices), and checks: workers run on cuda, served outputs equal the bundles' CPU outputs (within 1e-4, float32
 on another device), binary and JSON tensors, batching under concurrency, a killed worker is restarted, and
-SIGTERM exits 0. Prints one line per check and a throughput figure (Python client, not wrk).
+SIGTERM exits 0. Prints one line per check and a throughput figure (Python client, not wrk). Then the
+compute-bound case on ``cuda:0`` (:mod:`bench.cnn`): a vote(5) CNN on 3x64x64 images, binary requests of 8 images at
+c=16 from :mod:`bench.pyload`, served images/s against the same model's in-process forward on ``cuda:0`` at the
+batch size the server formed. Without CUDA it prints SKIP and exits 0.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import capsa  # noqa: E402
+from bench import pyload  # noqa: E402
+from bench.cnn import markdown as cnn_markdown  # noqa: E402
+from bench.cnn import run_cnn  # noqa: E402
+from bench.harness import Request, Server  # noqa: E402
+from bench.models import build_bundle  # noqa: E402
 from service.protocol import decode_infer_response  # noqa: E402
 from service.registry import publish  # noqa: E402
 from tests.fixtures.archs import mlp  # noqa: E402
@@ -43,6 +51,9 @@ def main() -> int:
     """Run every check; exit status 0 when all pass."""
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, "
           f"devices: {torch.cuda.device_count()}", flush=True)
+    if not torch.cuda.is_available():
+        print("SKIP: no CUDA device (this check needs a GPU machine)")
+        return 0
     failures = 0
 
     def check(ok: bool, what: str) -> None:
@@ -63,9 +74,11 @@ def main() -> int:
                                    example_input=x)
         publish(bundle, str(root), name, 1)
         refs[name] = capsa.load_bundle(bundle)
+    cnn_bundle = build_bundle(tmp, "cnn")
+    publish(cnn_bundle, str(root), "cnn", 1)
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CAPSA_DEVICES": "auto", "CAPSA_ACCESS_LOG": "false", "CAPSA_ALLOWED_MODULES": "tests.fixtures"}
+           "CAPSA_DEVICES": "auto", "CAPSA_ACCESS_LOG": "false", "CAPSA_ALLOWED_MODULES": "tests.fixtures,architecture"}
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "service", "--model-repository", str(root), "--port", str(port)],
@@ -144,6 +157,17 @@ def main() -> int:
         print(f"vote on GPU, Python client c=32 (the client is the bottleneck): {rps:.0f} req/s, "
               f"mean batch {samples / max(execs, 1):.2f}")
         check(samples == 3000, "3000 concurrent requests served")
+
+        def drive(request: Request, c: int, seconds: float) -> dict[str, float]:
+            return pyload.run("http", url + request.path, request.body, c, seconds, processes=4,
+                              headers=request.headers)
+
+        cnn = run_cnn(Server("capsa", proc, url, log_path), cnn_bundle, drive, rounds=1, duration=8.0,
+                      device="cuda:0")
+        print(cnn_markdown(cnn))
+        check(cnn["served_images_per_s"] > 0, f"CNN on cuda:0 served {cnn['ratio']:.2f}x the in-process forward "
+              f"(images/s {cnn['served_images_per_s']:.0f} vs {cnn['inprocess_images_per_s']:.0f} at batch "
+              f"{cnn['mean_batch']:.1f}; Python client)")
 
         entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
         pid = next(e["pid"] for e in entries if e.get("msg") == "worker ready" and e["worker"].startswith("vote-"))

@@ -276,6 +276,20 @@ class WrappedModel(nn.Module):
         return super().named_parameters(*args, **kwargs)
 
     def forward(self, x: Tensor, *args: Any, return_risk: bool = False, **kwargs: Any) -> Any:
+        prediction, risk = self._forward(x, args, kwargs, return_risk)
+        if not return_risk:
+            return prediction
+        return prediction, (risk if self.composed else getattr(risk, self.wrapper.risk_kind))
+
+    def predict(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Risk]:
+        """``(prediction, risk)`` as ``self(x, return_risk=True)`` computes them, with ``risk`` a `capsa.Risk` for
+        every stack, a single wrapper's too (its one component named, and for classifiers the log spread that
+        `capsa.risk_score` ranks by). The server and `capsa.calibrate` score models through this."""
+        return self._forward(x, args, kwargs, True)
+
+    def _forward(
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_risk: bool
+    ) -> tuple[Tensor, Risk]:
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"capsa.{self.wrapper.name}: the model input must be a tensor with the batch dimension first, "
@@ -288,10 +302,7 @@ class WrappedModel(nn.Module):
                 with _BUILD_LOCK:
                     if not self._built:
                         self._build(x, args, kwargs)
-            prediction, risk = self._run(x, args, kwargs, return_risk)
-        if not return_risk:
-            return prediction
-        return prediction, (risk if self.composed else getattr(risk, self.wrapper.risk_kind))
+            return self._run(x, args, kwargs, return_risk)
 
     def _active_state(self) -> _CallState | None:
         """This thread's state of the forward in progress, or None outside a wrapped forward."""
@@ -384,7 +395,7 @@ class WrappedModel(nn.Module):
                         "include them, so they will not train. Call the wrapped model once (e.g. on one batch) "
                         "before building the optimizer, or build the optimizer again now",
                         UserWarning,
-                        stacklevel=4,
+                        stacklevel=5,
                     )
         self._sites, self._handles = [], []
         try:

@@ -160,14 +160,23 @@ class Calibration:
     def risk_percentile(self, risk: Any) -> Any:
         """The share of calibration samples whose ``risk_score`` was below this sample's, in ``[0, 1]``, ``[N]``.
 
-        ``risk`` is the model's risk (a tensor or `capsa.Risk`; its score is the mean over the non-batch dims, as
-        ``capsa.risk_score`` computes it) or, when 1-d, the ``risk_score`` itself.
+        ``risk`` is the model's risk, scored by ``capsa.risk_score`` (a `capsa.Risk`, best from
+        ``model.predict(x)``; or a tensor, read as this calibration's task says) or, when 1-d, the ``risk_score``
+        itself.
         """
-        r, back = _as_numpy(_total(risk))
+        if (getattr(risk, "dim", None) is not None and risk.dim() > 1) or hasattr(risk, "components"):
+            from capsa._risk import risk_score
+
+            risk = risk_score(risk, task=self.task)
+        r, back = _as_numpy(risk)
         if r.ndim == 0:
             raise CalibrationError("risk_percentile: expected a batch of risks or risk scores, got a scalar")
-        scores = r.reshape(r.shape[0], -1).astype(np.float64).mean(axis=1) if r.ndim > 1 else r.astype(np.float64)
-        return back(_percentile(self.risk_quantiles, scores))
+        if r.ndim > 1:  # an array of risks: without torch here, the mean (regression's score)
+            if self.task == "classification":
+                raise CalibrationError("risk_percentile: pass a classifier's capsa.Risk or its risk_score, "
+                                       "not an array of risks")
+            r = r.reshape(r.shape[0], -1).mean(axis=1)
+        return back(_percentile(self.risk_quantiles, r.astype(np.float64)))
 
     def outputs(self, prediction: Any, risk: Any) -> dict[str, Any]:
         """Every calibrated output for a batch, by the names the server uses: ``risk_percentile`` and
@@ -433,8 +442,8 @@ def _collect(model: Any, batches: Iterable[Any], task: Task, class_dim: int) -> 
                         f"calibrate: batch {i}: x has shape {list(xb.shape)} and y {list(yb.shape)}; both need "
                         "the same batch size first"
                     )
-                pred, risk = model(xb.to(device), return_risk=True)
-                total = risk.total if hasattr(risk, "total") else risk
+                pred, risk = model.predict(xb.to(device))  # a capsa.Risk: what the server scores too
+                total = risk.total
                 _check_targets(pred, yb, task, class_dim, seen)
                 preds.append(pred.detach().to("cpu", torch.float64))
                 totals.append(total.detach().to("cpu", torch.float64))

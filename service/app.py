@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.docs import install_offline_docs
@@ -32,6 +34,21 @@ log = logging.getLogger("capsa.serve")
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
                     headers=headers)
+
+
+class _ServingApp(FastAPI):
+    """FastAPI with :class:`~service.fastpath.ServingMiddleware` outermost, in front of FastAPI's own per-request
+    work (its telemetry check reads the environment on every request, then three middlewares): measured at about
+    8% of the HTTP process's time per inference request at c=32, none of which the inference fast path needs.
+    Every other route still goes through all of FastAPI, behind the same request ids, limits and access log."""
+
+    serving: ServingMiddleware | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.serving is not None and scope["type"] == "http":
+            await self.serving(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -79,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
             if app.state.access_log is not None:
                 app.state.access_log.flush()
 
-    app = FastAPI(
+    app = _ServingApp(
         title="capsa-serve",
         version=__version__,
         description="Predictions with per-sample risk from capsa-wrapped PyTorch models, over the KServe V2 "
@@ -130,7 +147,7 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    # A plain ASGI middleware, outside routing and dependency injection (only Starlette's ServerErrorMiddleware is
-    # outside it): request ids, limits, access log, and the inference fast path (service.fastpath).
-    app.add_middleware(ServingMiddleware, state=app.state)
+    # A plain ASGI middleware, outside all of FastAPI (see _ServingApp): request ids, limits, access log, and the
+    # inference fast path (service.fastpath).
+    app.serving = ServingMiddleware(functools.partial(FastAPI.__call__, app), state=app.state)
     return app

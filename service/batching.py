@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.metrics import VersionMetrics
+from service.metrics import VersionMetrics, observe_many
 from service.workers.handle import WorkerGone
 from service.workers.messages import Failed, Outcome, Outputs, Split
 
@@ -59,6 +59,31 @@ class ModelError(ServeError):
     """The model raised on this request (500)."""
 
     status = 500
+
+
+class NonFiniteOutput(ServeError):
+    """The model's output is not finite for some of this request's samples (``samples``: their indices in the
+    request); the request is refused (400) rather than answered with a meaningless risk."""
+
+    status = 400
+
+    def __init__(self, samples: list[int]) -> None:
+        super().__init__(f"the model's output is not finite for sample(s) {samples[:20]}"
+                         + (" ..." if len(samples) > 20 else ""))
+        self.samples = samples
+
+
+def nonfinite_rows(outputs: Outputs) -> np.ndarray | None:
+    """None when every row of ``outputs`` (prediction, risk, score, components) is finite, else the boolean mask
+    of the rows that are not. Checked once per batch, not per request: all finite is the common case."""
+    arrays = (outputs.prediction, outputs.risk, outputs.risk_score, *(a for _, a in outputs.components))
+    floats = [a for a in arrays if a.dtype.kind == "f"]
+    if all(np.isfinite(a).all() for a in floats):
+        return None
+    bad = np.zeros(outputs.risk_score.shape[0], dtype=bool)
+    for a in floats:
+        bad |= ~np.isfinite(a.reshape(bad.shape[0], -1)).all(axis=1)
+    return bad
 
 
 class BatchWorker(Protocol):
@@ -235,8 +260,8 @@ class Batcher:
             if not requests:
                 break
             now = time.perf_counter()
-            for pending in requests:
-                self.metrics.queue_duration.observe(now - pending.enqueued)
+            observe_many(self.metrics.queue_duration,
+                         now - np.fromiter([p.enqueued for p in requests], float, len(requests)))
             array = requests[0].array if len(requests) == 1 else np.concatenate([p.array for p in requests])
             worker = self.idle.pop()
             batch = Batch(next(self._batch_ids), requests, offsets, now)
@@ -291,23 +316,39 @@ class Batcher:
                         f"the model returned {rows} rows for a batch of {batch.offsets[-1]} (prediction "
                         f"{outcome.prediction.shape}, risk {outcome.risk.shape}, score {outcome.risk_score.shape})"))
             else:
-                for pending, lo, hi in zip(batch.requests, batch.offsets, batch.offsets[1:], strict=False):
-                    if not pending.future.done():
-                        self._finish(pending)
-                        pending.future.set_result(outcome.rows(lo, hi))
+                self._resolve(batch.requests, outcome, batch.offsets)
         elif isinstance(outcome, Split):
             for pending, part in zip(batch.requests, outcome.parts, strict=True):
                 if isinstance(part, Failed):
                     self._fail(pending, ModelError(f"the model failed on this request: {part.error}"))
-                elif not pending.future.done():
-                    self._finish(pending)
-                    pending.future.set_result(part.rows(0, part.prediction.shape[0]))
+                else:
+                    self._resolve([pending], part, [0, part.prediction.shape[0]])
         else:
             for pending in batch.requests:
                 self._fail(pending, ModelError(f"the model failed on this request: {outcome.error}"))
         self.idle.append(worker)
         self._dispatch()
         self._check_drained()
+
+    def _resolve(self, requests: list[Pending], outputs: Outputs, offsets: list[int]) -> None:
+        """Hand request ``i`` rows ``offsets[i]:offsets[i + 1]`` of ``outputs``, refusing those with non-finite
+        rows (:class:`NonFiniteOutput`), and record the served risk scores: finiteness and the risk histogram are
+        computed once per batch, not per request."""
+        bad = nonfinite_rows(outputs)
+        served: list[tuple[int, int]] = []
+        for pending, lo, hi in zip(requests, offsets, offsets[1:], strict=False):
+            if pending.future.done():  # past its deadline, or cancelled: not served
+                continue
+            self._finish(pending)
+            if bad is not None and bad[lo:hi].any():
+                pending.future.set_exception(NonFiniteOutput(np.flatnonzero(bad[lo:hi]).tolist()))
+                continue
+            pending.future.set_result(outputs.rows(lo, hi))
+            served.append((lo, hi))
+        scores = outputs.risk_score
+        if len(served) != len(requests):
+            scores = np.concatenate([scores[lo:hi] for lo, hi in served]) if served else scores[:0]
+        self.metrics.observe_risk(scores)
 
     # ---------------------------------------------------------------- lifecycle
     def _check_drained(self) -> None:

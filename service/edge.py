@@ -11,7 +11,8 @@ connections at once (a request already on its way meets a reset). Here:
 - **Body deadline** (``CAPSA_BODY_TIMEOUT_S``): the whole body must arrive within this time after the headers; else
   408 and close (the app's body reader sees the disconnect).
 - **Connection cap** (``CAPSA_MAX_CONNECTIONS``): beyond it, a new connection gets 503 with ``Retry-After`` and is
-  closed; the default leaves part of the open-file limit for worker pipes, registry files and logs.
+  closed; the default leaves part of the open-file limit for worker pipes, registry files and logs, and the gRPC
+  server's share (``CAPSA_MAX_GRPC_CONNECTIONS``, see :func:`grpc_connection_cap`).
 - **Keep-alive**: idle connections close after ``CAPSA_KEEP_ALIVE_TIMEOUT_S`` (uvicorn's timer).
 - **SIGTERM**: listening stops; idle keep-alive connections stay open for ``CAPSA_SHUTDOWN_GRACE_S`` and every
   answer from then on carries ``Connection: close``, so a client learns to go elsewhere from an answer, not a reset;
@@ -55,6 +56,24 @@ def fd_connection_cap() -> int:
     return max(8, soft - min(FD_RESERVE_MAX, max(FD_RESERVE_MIN, soft // 4)))
 
 
+def grpc_connection_cap(settings: Settings, warn: bool = True) -> int:
+    """The gRPC server's connection cap (0 when gRPC is off), the same budget rule as REST's: REST and gRPC
+    connections together stay within :func:`fd_connection_cap`. CAPSA_MAX_GRPC_CONNECTIONS, by default a quarter of
+    the budget (gRPC multiplexes any number of calls over one connection: ``tritonclient.grpc`` holds one per
+    client), at most half of it (``warn``: log when a larger value is lowered); REST gets the rest."""
+    if not settings.grpc_port:
+        return 0
+    budget = fd_connection_cap()
+    largest = max(1, budget // 2)
+    cap = settings.max_grpc_connections or max(1, budget // 4)
+    if cap > largest:
+        if warn:
+            log.warning("CAPSA_MAX_GRPC_CONNECTIONS lowered to keep file descriptors for REST and the workers",
+                        extra={"requested": cap, "max_grpc_connections": largest})
+        cap = largest
+    return cap
+
+
 @dataclass(slots=True)
 class EdgeLimits:
     """What the connection layer enforces (from :class:`~service.settings.Settings`)."""
@@ -68,8 +87,9 @@ class EdgeLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EdgeLimits:
-        """The limits of ``settings``; a connection cap above what the open-file limit allows is lowered to it."""
-        largest = fd_connection_cap()
+        """The limits of ``settings``; a connection cap above what the open-file limit allows, less the gRPC
+        server's share, is lowered to it."""
+        largest = fd_connection_cap() - grpc_connection_cap(settings, warn=False)
         cap = settings.max_connections or largest
         if cap > largest:
             log.warning("CAPSA_MAX_CONNECTIONS lowered to keep file descriptors for the workers",

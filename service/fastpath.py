@@ -22,11 +22,11 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, body_too_large, internal_error
-from service.inference import body_limit, check_infer_token, lookup, read_body, shed, v1_predict, v2_infer
+from service.inference import Accounted, body_limit, check_infer_token, lookup, v1_predict, v2_infer
 from service.logging import AccessLog
 from service.protocol import request_id_problem
 
-_JSON = [(b"content-type", b"application/json")]
+_JSON_TYPE = (b"content-type", b"application/json")
 _BINARY = (b"content-type", b"application/octet-stream")
 
 
@@ -70,67 +70,14 @@ class ServingMiddleware:
         else:
             ctx = {"request_id": header_id}
         scope["capsa"] = ctx
+        route = _fast_route(scope) if scope["method"] == "POST" and self.fast_routes else None
         status = 500
-        echo_id = header_id
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()),
-                                      (b"x-request-id", (echo_id or ctx["request_id"]).encode("latin-1"))]
-            await send(message)
-
         try:
-            route = _fast_route(scope) if scope["method"] == "POST" and self.fast_routes else None
-            mv = not_found = None
-            json = False
-            limit = self.limit
-            if route is not None:
-                try:
-                    mv = lookup(self.state.manager, route[1], route[2])
-                except ApiError as exc:  # answered after the token check: no model names to strangers
-                    not_found = exc
-                if route[0] == "v1" or header_length is None:  # binary V2 may use the whole limit
-                    limit, json = self.json_limit, self.json_named
-            try:
-                if bad_id:
-                    raise ApiError(400, bad_id)
-                if length is not None and length.isdigit() and int(length) > limit:
-                    raise body_too_large(limit, json)
-                if route is not None:
-                    check_infer_token(self.settings, authorization)
-                    if not_found is not None:
-                        raise not_found
-                    assert mv is not None
-                    shed(mv, self.settings, ctx["request_id"])
-                    body = await read_body(receive, limit, json)
-            except ApiError as exc:
-                if mv is not None:
-                    mv.metrics.failure.inc()
-                await self._error(send_with_id, exc)
-                return
             if route is None:
-                await self.app(scope, receive, send_with_id)
-                return
-            assert mv is not None  # a route with no model version was answered above
-            try:
-                if route[0] == "v2":
-                    content, json_length = await v2_infer(mv, self.settings, ctx, body, header_length)
-                else:
-                    content, json_length = await v1_predict(mv, self.settings, ctx, body), None
-            except ApiError as exc:
-                await self._error(send_with_id, exc)
-                return
-            except Exception as exc:  # a bug: answer 500 in the same JSON form, and log it
-                await self._error(send_with_id, internal_error(exc, ctx["request_id"], scope["path"]))
-                return
-            headers = _JSON if json_length is None else [
-                _BINARY, (b"inference-header-content-length", str(json_length).encode())
-            ]
-            await send_with_id({"type": "http.response.start", "status": 200,
-                                "headers": [*headers, (b"content-length", str(len(content)).encode())]})
-            await send_with_id({"type": "http.response.body", "body": content})
+                status = await self._other(scope, receive, send, ctx, header_id, bad_id, length)
+            else:
+                status = await self._infer(route, receive, send, ctx, header_id, bad_id, length, authorization,
+                                           header_length, scope["path"])
         finally:
             if self.access is not None:
                 self.access.log({
@@ -139,14 +86,80 @@ class ServingMiddleware:
                     "client": scope["client"][0] if scope.get("client") else None,
                 })
 
+    async def _other(self, scope: Scope, receive: Receive, send: Send, ctx: dict[str, Any], header_id: str | None,
+                     bad_id: str | None, length: bytes | None) -> int:
+        """Every route but inference: the id, the body limit, then the FastAPI app; returns the status sent."""
+        status = 500
+        echo = (header_id or ctx["request_id"]).encode("latin-1")
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", echo)]
+            await send(message)
+
+        error = ApiError(400, bad_id) if bad_id else None
+        if error is None and length is not None and length.isdigit() and int(length) > self.limit:
+            error = body_too_large(self.limit, False)
+        if error is not None:
+            return await self._error(send, error, echo)
+        await self.app(scope, receive, send_with_id)
+        return status
+
+    async def _infer(self, route: tuple[str, str, str | None], receive: Receive, send: Send, ctx: dict[str, Any],
+                     header_id: str | None, bad_id: str | None, length: bytes | None, authorization: str | None,
+                     header_length: str | None, path: str) -> int:
+        """An inference route, served here; every outcome for a known model is counted once (:class:`Accounted`).
+        Returns the status sent (the echoed id is the request's ``id`` when it has one and no X-Request-ID)."""
+        mv = not_found = None
+        try:
+            mv = lookup(self.state.manager, route[1], route[2])
+        except ApiError as exc:  # answered after the token check: no model names to strangers
+            not_found = exc
+        limit, json = self.limit, False
+        if route[0] == "v1" or header_length is None:  # binary V2 may use the whole limit
+            limit, json = self.json_limit, self.json_named
+        try:
+            with Accounted(mv, "rest") as request:
+                if bad_id:
+                    raise ApiError(400, bad_id)
+                if length is not None and length.isdigit() and int(length) > limit:
+                    raise body_too_large(limit, json)
+                check_infer_token(self.settings, authorization)
+                if mv is None:
+                    assert not_found is not None
+                    raise not_found
+                body = await request.admit(mv, self.settings, ctx["request_id"], receive, limit, json)
+                if route[0] == "v2":
+                    content, json_length = await v2_infer(mv, self.settings, ctx, body, header_length)
+                else:
+                    content, json_length = await v1_predict(mv, self.settings, ctx, body), None
+        except ApiError as exc:
+            return await self._error(send, exc, (header_id or ctx["request_id"]).encode("latin-1"))
+        except Exception as exc:  # a bug: answer 500 in the same JSON form, and log it
+            return await self._error(send, internal_error(exc, ctx["request_id"], path),
+                                     (header_id or ctx["request_id"]).encode("latin-1"))
+        echo = (header_id or ctx["request_id"]).encode("latin-1")
+        if json_length is None:
+            headers = [_JSON_TYPE, (b"content-length", str(len(content)).encode()), (b"x-request-id", echo)]
+        else:
+            headers = [_BINARY, (b"inference-header-content-length", str(json_length).encode()),
+                       (b"content-length", str(len(content)).encode()), (b"x-request-id", echo)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        return 200
+
     @staticmethod
-    async def _error(send: Send, exc: ApiError) -> None:
+    async def _error(send: Send, exc: ApiError, echo: bytes) -> int:
+        """Answer ``exc`` in the JSON error form with the request id; returns its status."""
         body = exc.body()
-        headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+        headers = [_JSON_TYPE, (b"content-length", str(len(body)).encode()), (b"x-request-id", echo)]
         for key, value in (exc.headers or {}).items():
             headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        return exc.status
 
 
 def _fast_route(scope: Scope) -> tuple[str, str, str | None] | None:

@@ -7,12 +7,11 @@ the FastAPI routes and the pure-ASGI fast path of :mod:`service.fastpath`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import math
 import time
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -20,14 +19,16 @@ import orjson
 from pydantic import SecretStr
 from starlette.types import Receive
 
-from service.batching import ModelError, ServeError
+from service.batching import ModelError, NonFiniteOutput, ServeError
 from service.calibrated import apply_calibration, check_calibrated_output, percentile_threshold
 from service.components import unknown_output
 from service.errors import ApiError, body_too_large
 from service.manager import LoadCancelled, LoadError, ModelManager, ModelVersion, NotFound
+from service.metrics import Protocol
 from service.protocol import (
     InferRequest,
     ProtocolError,
+    check_finite,
     check_input,
     check_signature,
     encode_infer_response,
@@ -169,38 +170,17 @@ def _unavailable(mv: ModelVersion, request_id: str, retry_after_s: int) -> ApiEr
                          "the server log and the repository index say why", {"Retry-After": str(retry_after_s)})
 
 
-def _not_finite(name: str, pred: np.ndarray, risk: np.ndarray, score: np.ndarray,
-                components: tuple[np.ndarray, ...] = ()) -> ProtocolError | None:
-    """None when every sample's prediction, risk and risk score are finite, else the error that refuses the request.
-
-    A NaN score would compare False with any threshold (and be ``null`` in JSON): serving it would report the most
-    out-of-range input as the least risky, so the request is refused instead.
-    """
-    if np.isfinite(score).all() and all(a.dtype.kind != "f" or np.isfinite(a).all() for a in (pred, risk, *components)):
-        return None
-    finite = np.isfinite(score)
-    for a in (pred, risk, *components):
-        if a.dtype.kind == "f":
-            finite &= np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
-    bad = np.flatnonzero(~finite).tolist()
-    listed = f"{bad[:20]}" + (" ..." if len(bad) > 20 else "")
-    return ProtocolError(f"input '{name}': the model's output is not finite for sample(s) {listed} (the input "
-                         "is outside the range the model can compute, so its risk is unbounded); the request is "
-                         "refused rather than answered with a meaningless risk")
-
-
-async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, threshold: float | None,
+async def _run(mv: ModelVersion, name: str, array: np.ndarray, threshold: float | None,
                request_id: str, retry_after_s: int, deadline_s: float | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
-    """Validate one input, run it through the batcher, return its own rows (prediction, risk, score, flagged, risk
-    components by output name) and record per-sample metrics.
+    """Run one input (checked against the signature and for finiteness by the caller) through the batcher, return
+    its own rows (prediction, risk, score, flagged, risk components by output name). The batcher refuses rows that
+    are not finite and records the served risk scores, once per batch.
 
     ``deadline_s`` (the client's deadline, when it has one shorter than CAPSA_REQUEST_TIMEOUT_S): past it the
     request is dropped from the queue and answered 504 / DEADLINE_EXCEEDED."""
     if mv.state == "UNAVAILABLE":
         raise _unavailable(mv, request_id, retry_after_s)
-    check_input(name, datatype, array, mv.input.datatype, mv.input.shape,
-                max_batch_size=mv.max_batch_size, allow_non_finite=mv.allow_non_finite)
     try:
         future = mv.batcher.submit(array)
         if deadline_s is None:
@@ -210,6 +190,12 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise ApiError(504, f"model '{mv.name}' version {mv.version}: the request's own deadline "
                             f"({deadline_s:g} s) passed before the model answered") from None
+    except NonFiniteOutput as exc:
+        # A NaN score would compare False with any threshold (and be null in JSON): serving it would report the
+        # most out-of-range input as the least risky, so the request is refused instead.
+        raise ProtocolError(f"input '{name}': {exc} (the input is outside the range the model can compute, so its "
+                            "risk is unbounded); the request is refused rather than answered with a meaningless "
+                            "risk") from None
     except ModelError as exc:
         log.error("the model failed on a request", extra={
             "request_id": request_id, "model": mv.name, "version": mv.version, "error": str(exc)})
@@ -218,10 +204,6 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
     except ServeError as exc:
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         raise ApiError(exc.status, f"model '{mv.name}' version {mv.version}: {exc}", headers) from None
-    refused = _not_finite(name, pred, risk, score, tuple(components.values()))
-    if refused is not None:
-        raise refused
-    mv.metrics.observe_risk(score)
     flagged = mv.metrics.flag(score, threshold)
     missing = [n for n in mv.components if n not in components]
     if missing:  # capsa.json and the model disagree: a damaged or hand-edited bundle
@@ -233,19 +215,18 @@ async def _run(mv: ModelVersion, name: str, datatype: str, array: np.ndarray, th
 async def v2_infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes,
                    header_length: str | None) -> tuple[bytes, int | None]:
     """Serve a V2 infer request body for ``mv`` (see :func:`lookup`); returns the response body and its JSON
-    header length (binary outputs). The REST adapter of :func:`infer`."""
-    with accounted(mv):
-        try:
-            length = int(header_length) if header_length is not None else None
-        except ValueError:
-            shown = (header_length or "")[:32]
-            raise ProtocolError(f"Inference-Header-Content-Length {shown!r} is not an integer") from None
-        if length is not None and length > json_body_limit(settings):
-            raise ApiError(413, f"the JSON header exceeds the limit of {json_body_limit(settings)} bytes "
-                                "(CAPSA_MAX_JSON_REQUEST_BYTES)")
-        req = parse_infer_request(body, length)
-        outputs = await infer(mv, settings, ctx, req)
-        return encode_infer_response(mv.name, mv.version_str, req.id, outputs)
+    header length (binary outputs). The REST adapter of :func:`infer`; call it inside :class:`Accounted`."""
+    try:
+        length = int(header_length) if header_length is not None else None
+    except ValueError:
+        shown = (header_length or "")[:32]
+        raise ProtocolError(f"Inference-Header-Content-Length {shown!r} is not an integer") from None
+    if length is not None and length > json_body_limit(settings):
+        raise ApiError(413, f"the JSON header exceeds the limit of {json_body_limit(settings)} bytes "
+                            "(CAPSA_MAX_JSON_REQUEST_BYTES)")
+    req = parse_infer_request(body, length)
+    outputs = await infer(mv, settings, ctx, req)
+    return encode_infer_response(mv.name, mv.version_str, req.id, outputs)
 
 
 async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: InferRequest,
@@ -256,7 +237,7 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
     Everything cheap is checked before the tensor data is decoded: the requested outputs, the threshold, the
     input's name, datatype, shape and batch size. ``ctx["request_id"]`` is set to the request's ``id`` when it has
     one (for the access log). ``deadline_s``: the client's own deadline (gRPC), when shorter than the server's.
-    Call it inside :func:`accounted`.
+    Call it inside :class:`Accounted`.
     """
     if req.id is not None:
         ctx["request_id"] = req.id
@@ -286,7 +267,10 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
     tensor = req.inputs[mv.input.name]
     check_signature(tensor.name, tensor.datatype, tensor.shape, mv.input.datatype, mv.input.shape,
                     max_batch_size=mv.max_batch_size)
-    pred, risk, score, flagged, served = await _run(mv, tensor.name, tensor.datatype, tensor.decode(), threshold,
+    array = tensor.decode()  # of the declared shape and datatype, which check_signature accepted
+    if not mv.allow_non_finite:
+        check_finite(tensor.name, array)
+    pred, risk, score, flagged, served = await _run(mv, tensor.name, array, threshold,
                                                     ctx["request_id"], settings.retry_after_s, deadline_s)
     by_percentile, extra = apply_calibration(mv, pred, risk, score, pthreshold, frozenset(n for n, _ in wanted))
     flagged = flagged if by_percentile is None else by_percentile
@@ -298,64 +282,76 @@ async def infer(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], req: 
 
 async def v1_predict(mv: ModelVersion, settings: Settings, ctx: dict[str, Any], body: bytes) -> bytes:
     """Serve a V1 ``{"instances": [...]}`` body; returns ``{"predictions", "risk", "risk_score"[, "flagged"]}``
-    and, for a composed model, its risk components (``risk_aleatoric``, ...)."""
-    with accounted(mv):
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"malformed JSON: {exc}") from None
-        if not isinstance(req, dict) or not isinstance(req.get("instances"), list) or not req["instances"]:
-            raise ProtocolError("'instances' must be a non-empty list")
-        parameters = req.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise ProtocolError("'parameters' must be an object")
-        threshold = risk_threshold(mv, parameters)
-        pthreshold = percentile_threshold(mv.calibration, mv.risk_percentile_threshold, parameters,
-                                          f"model '{mv.name}' version {mv.version}")
-        if pthreshold is not None:  # a calibrated model flags by risk percentile instead (service.calibrated)
-            threshold = None
-        instances = req["instances"]
-        if len(instances) > mv.max_batch_size:
-            raise ProtocolError(f"'instances': batch size {len(instances)} exceeds the model's max_batch_size "
-                                f"{mv.max_batch_size}")
-        array = json_array("instances", instances, mv.input.datatype,
-                           maybe_bools=b"true" in body or b"false" in body)
-        pred, risk, score, flagged, served = await _run(mv, "instances", mv.input.datatype, array, threshold,
-                                                        ctx["request_id"], settings.retry_after_s)
-        names = frozenset(mv.calibration.outputs) if mv.calibration is not None else frozenset()
-        by_percentile, extra = apply_calibration(mv, pred, risk, score, pthreshold, names)
-        flagged = flagged if by_percentile is None else by_percentile
-        result = {"predictions": pred, "risk": risk, "risk_score": score, **extra}
-        if flagged is not None:
-            result["flagged"] = flagged
-        result.update((n, served[n]) for n in mv.components)
-        return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-async def admit(mv: ModelVersion, settings: Settings, request_id: str, receive: Receive | None = None,
-                limit: int = 0, json: bool = False) -> bytes:
-    """Admit a request to ``mv``: shed it when the version is saturated, then read its body from ``receive``
-    under ``limit`` (HTTP; gRPC has it already, and gets ``b""``). A refusal counts as a failure of the version;
-    from here on `accounted` counts the request."""
+    and, for a composed model, its risk components (``risk_aleatoric``, ...). Call it inside :class:`Accounted`."""
     try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("instances"), list) or not req["instances"]:
+        raise ProtocolError("'instances' must be a non-empty list")
+    parameters = req.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object")
+    threshold = risk_threshold(mv, parameters)
+    pthreshold = percentile_threshold(mv.calibration, mv.risk_percentile_threshold, parameters,
+                                      f"model '{mv.name}' version {mv.version}")
+    if pthreshold is not None:  # a calibrated model flags by risk percentile instead (service.calibrated)
+        threshold = None
+    instances = req["instances"]
+    if len(instances) > mv.max_batch_size:
+        raise ProtocolError(f"'instances': batch size {len(instances)} exceeds the model's max_batch_size "
+                            f"{mv.max_batch_size}")
+    array = json_array("instances", instances, mv.input.datatype,
+                       maybe_bools=b"true" in body or b"false" in body)
+    check_input("instances", mv.input.datatype, array, mv.input.datatype, mv.input.shape,
+                max_batch_size=mv.max_batch_size, allow_non_finite=mv.allow_non_finite)
+    pred, risk, score, flagged, served = await _run(mv, "instances", array, threshold,
+                                                    ctx["request_id"], settings.retry_after_s)
+    names = frozenset(mv.calibration.outputs) if mv.calibration is not None else frozenset()
+    by_percentile, extra = apply_calibration(mv, pred, risk, score, pthreshold, names)
+    flagged = flagged if by_percentile is None else by_percentile
+    result = {"predictions": pred, "risk": risk, "risk_score": score, **extra}
+    if flagged is not None:
+        result["flagged"] = flagged
+    result.update((n, served[n]) for n in mv.components)
+    return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class Accounted:
+    """Counts one inference request's outcome for its model version exactly once, whatever the protocol and
+    wherever it fails: ``with Accounted(mv, protocol) as request:`` around everything from the moment the model
+    version is known (token, body limit, shedding, body, decode, the model, encode). A success when the block
+    ends normally, else a failure (any error answer, a cancellation); ``mv`` None (an unknown model) counts
+    nothing. :meth:`admit` marks admission, where the request duration starts. Bad input
+    (:class:`~service.protocol.ProtocolError`) leaves as a 400 :class:`~service.errors.ApiError`.
+
+    A plain class rather than a generator context manager: it runs on every request.
+    """
+
+    __slots__ = ("_metrics", "_start")
+
+    def __init__(self, mv: ModelVersion | None, protocol: Protocol) -> None:
+        self._metrics = mv.metrics.requests[protocol] if mv is not None else None
+        self._start = 0.0
+
+    def __enter__(self) -> Accounted:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        m = self._metrics
+        if m is not None:
+            (m.success if exc_type is None else m.failure).inc()
+            if self._start:
+                m.duration.observe(time.perf_counter() - self._start)
+        if isinstance(exc, ProtocolError):
+            raise ApiError(400, str(exc)) from None
+
+    async def admit(self, mv: ModelVersion, settings: Settings, request_id: str, receive: Receive | None = None,
+                    limit: int = 0, json: bool = False) -> bytes:
+        """Admit the request to ``mv``: shed it (503) when the version is saturated or failed to load, then read
+        its body from ``receive`` under ``limit`` (HTTP; gRPC has it already, and gets ``b""``)."""
         shed(mv, settings, request_id)
-        return b"" if receive is None else await read_body(receive, limit, json)
-    except ApiError:
-        mv.metrics.failure.inc()
-        raise
-
-
-@contextlib.contextmanager
-def accounted(mv: ModelVersion) -> Iterator[None]:
-    """Count the request as a success or failure of its model version, time it, and answer 400 to bad input."""
-    start = time.perf_counter()
-    ok = False
-    try:
-        yield
-        ok = True
-    except ProtocolError as exc:
-        raise ApiError(400, str(exc)) from None
-    finally:
-        m = mv.metrics
-        (m.success if ok else m.failure).inc()
-        m.request_duration.observe(time.perf_counter() - start)
+        body = b"" if receive is None else await read_body(receive, limit, json)
+        self._start = time.perf_counter()
+        return body

@@ -1,22 +1,31 @@
 """Prometheus metrics of the server, in their own ``CollectorRegistry`` (one per app, so tests can run several).
 
-Every metric is labelled ``model`` and ``version``; :meth:`Metrics.for_version` returns the bound children once,
-so the hot path does no label lookups.
+Every per-version metric is labelled ``model`` and ``version``; :meth:`Metrics.for_version` returns the bound
+children once, so the hot path does no label lookups. The per-request metrics (request success, failure and
+duration) are labelled ``protocol`` too (``rest`` or ``grpc``, the front end the request came through): the two
+differ in encoding cost and client population. What happens after admission (queueing, batches, samples, risk) is
+protocol-neutral, since REST and gRPC requests share one queue and one batch, and is not labelled by protocol.
+Alerts and panels about a model sum over ``protocol``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE", "VERSION_STATES", "Metrics", "VersionMetrics"]
+__all__ = ["CONTENT_TYPE", "PROTOCOLS", "VERSION_STATES", "Metrics", "Protocol", "RequestMetrics", "VersionMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LABELS = ("model", "version")
+#: The front end a request came through: the ``protocol`` label of the per-request metrics.
+Protocol = Literal["rest", "grpc"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+_REQUEST_LABELS = (*_LABELS, "protocol")
 VERSION_STATES = ("ready", "loading", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: capsa_risk_percentile: uniform on normal traffic, so deciles, and finer where operators flag.
@@ -25,14 +34,21 @@ _RISK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 @dataclass(slots=True)
-class VersionMetrics:
-    """The metric children of one model version."""
+class RequestMetrics:
+    """The per-request metric children of one model version over one protocol."""
 
     success: Counter
     failure: Counter
+    duration: Histogram
+
+
+@dataclass(slots=True)
+class VersionMetrics:
+    """The metric children of one model version; ``requests[protocol]``: its per-request ones."""
+
+    requests: dict[Protocol, RequestMetrics]
     count: Counter
     exec_count: Counter
-    request_duration: Histogram
     queue_duration: Histogram
     compute_duration: Histogram
     pending: Gauge
@@ -42,8 +58,7 @@ class VersionMetrics:
 
     def observe_risk(self, scores: np.ndarray) -> None:
         """Record served per-sample risk scores (non-finite ones are skipped)."""
-        for value in scores[np.isfinite(scores)].tolist():
-            self.risk_score.observe(value)
+        observe_many(self.risk_score, scores[np.isfinite(scores)])
 
     def flag(self, values: np.ndarray, threshold: float | None) -> np.ndarray | None:
         """``values > threshold`` per sample (None without a threshold), counting the flagged ones in
@@ -63,16 +78,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.success = Counter("capsa_inference_request_success", "Successful inference requests.",
-                               _LABELS, registry=r)
+        self.success = Counter("capsa_inference_request_success", "Successful inference requests, by protocol "
+                               "(rest, grpc).", _REQUEST_LABELS, registry=r)
         self.failure = Counter("capsa_inference_request_failure",
-                               "Failed inference requests (any non-2xx answer for a known model).", _LABELS,
-                               registry=r)
+                               "Failed inference requests (any non-2xx answer, or gRPC status other than OK, for a "
+                               "known model), by protocol (rest, grpc).", _REQUEST_LABELS, registry=r)
         self.count = Counter("capsa_inference_count", "Inferred samples (batch elements).", _LABELS, registry=r)
         self.exec_count = Counter("capsa_inference_exec_count", "Executed model batches.", _LABELS, registry=r)
         self.request_duration = Histogram("capsa_inference_request_duration_seconds",
-                                          "Inference request duration, from arrival to answer.", _LABELS,
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+                                          "Inference request duration, from admission to answer, by protocol "
+                                          "(rest, grpc).", _REQUEST_LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_duration = Histogram("capsa_inference_queue_duration_seconds",
                                         "Time a request waited in the queue before its batch started.",
                                         _LABELS, buckets=_LATENCY_BUCKETS, registry=r)
@@ -109,14 +124,16 @@ class Metrics:
         self._before_render: list[Callable[[], None]] = []
 
     def for_version(self, model: str, version: int | str) -> VersionMetrics:
-        """The bound children for one model version (created at zero so they show up before traffic)."""
+        """The bound children for one model version, per protocol for the per-request ones (created at zero so
+        they show up before traffic)."""
         labels = (model, str(version))
         return VersionMetrics(
-            success=self.success.labels(*labels),
-            failure=self.failure.labels(*labels),
+            requests={protocol: RequestMetrics(success=self.success.labels(*labels, protocol),
+                                               failure=self.failure.labels(*labels, protocol),
+                                               duration=self.request_duration.labels(*labels, protocol))
+                      for protocol in PROTOCOLS},
             count=self.count.labels(*labels),
             exec_count=self.exec_count.labels(*labels),
-            request_duration=self.request_duration.labels(*labels),
             queue_duration=self.queue_duration.labels(*labels),
             compute_duration=self.compute_duration.labels(*labels),
             pending=self.pending.labels(*labels),
@@ -153,3 +170,20 @@ class Metrics:
         for hook in self._before_render:
             hook()
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for each of ``values`` (a bound child; finite or infinite, never NaN), with one
+    increment per bucket hit instead of one locked Python call per value: the batcher records a whole batch's
+    queue times and risk scores at once. Small arrays take the plain loop (numpy's fixed cost is higher there)."""
+    if values.size <= 4:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    # prometheus_client has no batch observe: this does what Histogram.observe does for each value (its buckets
+    # are per bucket, not cumulative; the value goes to the first bucket whose upper bound is >= it).
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        histogram._buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -133,6 +134,14 @@ class ModelConfig(BaseModel):
                           "prefixes or 'module:factory' entries (None: the server's list as it is)."
     )
     allow_non_finite: bool = Field(False, description="Accept NaN/inf inputs instead of answering 400.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads in each CPU worker of this model; overrides "
+                                         "CAPSA_TORCH_THREADS (None: that, else the default of worker_torch_threads())."
+    )
+    interop_threads: int = Field(
+        1, ge=1, le=1024, description="torch inter-op threads in each worker (1: a worker runs one batch at a time, "
+                                      "so more only add idle threads)."
+    )
 
     @field_validator("allowed_modules")
     @classmethod
@@ -166,6 +175,33 @@ class ModelConfig(BaseModel):
     def select_versions(self, available: list[int]) -> list[int]:
         """The versions of ``available`` served under this model's version policy, ascending."""
         return self.version_policy.select(available)
+
+
+#: The default never gives a CPU worker more intra-op threads than this: a served batch is small, and beyond a few
+#: threads torch's parallel regions cost more to start and to spin down than they save.
+MAX_DEFAULT_TORCH_THREADS = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_torch_threads(configured: int | None, server_default: int | None, cpu_workers: int,
+                  cores: int | None = None) -> int:
+    """Intra-op threads for each CPU worker of a model version: its ``config.json`` ``torch_threads``, else
+    CAPSA_TORCH_THREADS, else the cores available to the server minus one (the HTTP process runs on one core at
+    full load) shared equally by the version's ``cpu_workers``, between 1 and :data:`MAX_DEFAULT_TORCH_THREADS`.
+    On a 2-core machine with one worker that is 1: the worker and the HTTP process each get a core."""
+    if configured is not None:
+        return configured
+    if server_default is not None:
+        return server_default
+    cores = available_cores() if cores is None else cores
+    return max(1, min((cores - 1) // max(cpu_workers, 1), MAX_DEFAULT_TORCH_THREADS))
 
 
 def format_validation_error(exc: ValidationError) -> str:

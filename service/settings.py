@@ -38,13 +38,21 @@ class Settings(BaseSettings):
                                     "model workers and their batches: above 1 when one Python process's HTTP "
                                     "handling is the bottleneck and cores are free (service.frontends)."
     )
+    max_grpc_connections: int | None = Field(
+        None, ge=1, description="Open gRPC client connections beyond which new ones are closed at once (the client "
+                                "sees UNAVAILABLE). Default: a quarter of the connection budget (the open-file limit "
+                                "minus a reserve), at most half; CAPSA_MAX_CONNECTIONS gets the rest."
+    )
     devices: str = Field(
         "auto", description='"auto" (every visible CUDA device, else the CPU), "cpu", or "cuda:0,cuda:1".'
     )
     workers_per_device: int | None = Field(
         None, ge=1, description="Worker processes per device per model version; overrides each model's instances."
     )
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads in each CPU worker.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads in each CPU worker, unless the model's config.json sets "
+                                "torch_threads (default: see service.model_config.worker_torch_threads)."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the repository routes; without it those routes answer 403."
     )

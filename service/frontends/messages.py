@@ -72,11 +72,13 @@ class Forwarded:
 
 @dataclass(frozen=True)
 class Refused:
-    """A request the primary's batcher refused or failed: ``error_kind`` (a ServeError class name) and ``error``."""
+    """A request the primary's batcher refused or failed: ``error_kind`` (a ServeError class name) and ``error``;
+    ``samples``: a NonFiniteOutput's sample indices."""
 
     request_id: int
     error_kind: str
     error: str
+    samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

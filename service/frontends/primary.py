@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batching import ServeError
+from service.batching import NonFiniteOutput, ServeError
 from service.frontends.channel import Channel
 from service.frontends.messages import (
     Catalog,
@@ -247,7 +247,8 @@ class FrontendPool:
         exc = future.exception()
         if exc is not None:
             kind = type(exc).__name__ if isinstance(exc, ServeError) else "ServeError"
-            channel.send(Refused(request_id, kind, str(exc)))
+            samples = tuple(exc.samples) if isinstance(exc, NonFiniteOutput) else ()
+            channel.send(Refused(request_id, kind, str(exc), samples))
         else:
             channel.later(key, (request_id, future.result()), _send_answers)
 

@@ -30,7 +30,15 @@ import orjson
 from prometheus_client import generate_latest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.batching import DeadlineExceeded, ModelError, QueueFull, Rows, ServeError, Unavailable
+from service.batching import (
+    DeadlineExceeded,
+    ModelError,
+    NonFiniteOutput,
+    QueueFull,
+    Rows,
+    ServeError,
+    Unavailable,
+)
 from service.errors import ApiError
 from service.fastpath import ServingMiddleware
 from service.frontends.channel import Channel
@@ -52,6 +60,13 @@ _CONNECT_TIMEOUT_S = 60.0
 _PUSH_METRICS_S = 1.0  # how often the primary gets this front end's counts unasked (kept if this process dies)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"x-request-id",
                b"upgrade", b"te", b"trailer", b"proxy-connection", b"date", b"server"}
+
+
+def _refusal(message: Refused) -> ServeError:
+    """The primary batcher's error, rebuilt as the same ServeError class (so the answer has the same status)."""
+    if message.error_kind == "NonFiniteOutput":
+        return NonFiniteOutput(list(message.samples))
+    return _ERRORS.get(message.error_kind, ServeError)(message.error)
 
 
 class PrimaryLink:
@@ -118,7 +133,7 @@ class PrimaryLink:
             if entry is not None:
                 entry[1].cancel()
                 if not entry[0].done():
-                    entry[0].set_exception(_ERRORS.get(message.error_kind, ServeError)(message.error))
+                    entry[0].set_exception(_refusal(message))
         elif isinstance(message, Catalog):
             self.catalog = message
             if self.on_catalog is not None:
@@ -298,7 +313,7 @@ class SecondaryApp:
         try:
             body = await read_body(receive, self.settings.max_request_bytes)
         except ApiError as exc:
-            await ServingMiddleware._error(send, exc)
+            await _answer_error(send, exc)
             return
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
         headers.append((b"x-request-id", scope["capsa"]["request_id"].encode("latin-1")))
@@ -310,7 +325,7 @@ class SecondaryApp:
             response = await self.client.request(scope["method"], target.decode("latin-1"), headers=headers,
                                                  content=body)
         except httpx.HTTPError as exc:
-            await ServingMiddleware._error(send, ApiError(
+            await _answer_error(send, ApiError(
                 503, f"the server's primary process did not answer ({type(exc).__name__}); retry later",
                 {"Retry-After": str(self.settings.retry_after_s)}))
             return
@@ -320,6 +335,15 @@ class SecondaryApp:
         out.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": response.status_code, "headers": out})
         await send({"type": "http.response.body", "body": content})
+
+
+async def _answer_error(send: Send, exc: ApiError) -> None:
+    """``exc`` in the JSON error form (the serving middleware's ``send`` adds the request id)."""
+    body = exc.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def main() -> int:

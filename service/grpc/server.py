@@ -30,12 +30,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import __version__
+from service.edge import grpc_connection_cap
 from service.errors import ApiError, internal_error
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.inference import (
-    accounted,
-    admit,
+    Accounted,
     check_admin_token,
     check_infer_token,
     infer,
@@ -243,15 +243,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         async def run(ctx: dict[str, Any], md: dict[str, str]) -> pb.ModelInferResponse:
             settings = self.settings
-            check_infer_token(settings, md.get("authorization"))
-            mv = lookup(self.manager, request.model_name, request.model_version or None)
-            await admit(mv, settings, ctx["request_id"])
-            with accounted(mv):
+            mv = not_found = None
+            try:
+                mv = lookup(self.manager, request.model_name, request.model_version or None)
+            except ApiError as exc:  # answered after the token check: no model names to strangers
+                not_found = exc
+            with Accounted(mv, "grpc") as accounted:  # counts every outcome for a known model once
+                check_infer_token(settings, md.get("authorization"))
+                if mv is None:
+                    assert not_found is not None
+                    raise not_found
+                await accounted.admit(mv, settings, ctx["request_id"])
                 req = decode_request(request)
                 remaining = context.time_remaining()
                 deadline = remaining if remaining is not None and remaining < settings.request_timeout_s else None
                 outputs = await infer(mv, settings, ctx, req, deadline)
-            return encode_response(mv, req.id, outputs)
+                return encode_response(mv, req.id, outputs)
         return await self._serve("ModelInfer", context, run)
 
     # ------------------------------------------------------------------ repository (admin token)
@@ -313,9 +320,14 @@ class GrpcServer:
         settings: Settings = state.settings
         self.settings = settings
         self.health = HealthServicer(state)
+        #: The connection cap (service.edge.grpc_connection_cap: REST and gRPC share the open-file budget). gRPC
+        #: core closes a connection beyond it as soon as it is accepted, so the client sees UNAVAILABLE and may
+        #: retry (another replica); the connections already open keep being served.
+        self.max_connections = grpc_connection_cap(settings)
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
         ])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated
             InferenceServicer(state), self.server)
@@ -331,7 +343,7 @@ class GrpcServer:
         if not self.port:
             raise RuntimeError(f"cannot listen on {address} (gRPC)")
         await self.server.start()
-        log.info("listening (gRPC)", extra={"host": host, "port": self.port})
+        log.info("listening (gRPC)", extra={"host": host, "port": self.port, "max_connections": self.max_connections})
         return self.port
 
     def stop(self) -> Awaitable[None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.inference import admit, body_limit, lookup, v1_predict
+from service.inference import Accounted, body_limit, lookup, v1_predict
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep
 from service.routes.v2 import ERRORS
 from service.schemas import PredictRequest, PredictResponse, request_body
@@ -19,5 +19,8 @@ async def predict(model_name: str, request: Request, manager: ManagerDep, settin
     ``risk_score`` (and ``flagged`` when a risk threshold is set; a composed model's risk components too)."""
     ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
     mv = lookup(manager, model_name, None)
-    body = await admit(mv, settings, ctx["request_id"], request.receive, *body_limit(settings, json=True))
-    return Response(await v1_predict(mv, settings, ctx, body), media_type="application/json")
+    with Accounted(mv, "rest") as accounted:
+        body = await accounted.admit(mv, settings, ctx["request_id"], request.receive,
+                                     *body_limit(settings, json=True))
+        content = await v1_predict(mv, settings, ctx, body)
+    return Response(content, media_type="application/json")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from service import __version__
 from service.components import component_specs
-from service.inference import admit, body_limit, lookup, v2_infer
+from service.inference import Accounted, body_limit, lookup, v2_infer
 from service.manager import ModelManager, ModelVersion
 from service.protocol import HEADER_LENGTH
 from service.routes.deps import InferAuth, ManagerDep, SettingsDep
@@ -109,9 +109,10 @@ async def _infer(request: Request, manager: ModelManager, settings: Settings, na
     ctx = request.scope.setdefault("capsa", {"request_id": request.headers.get("x-request-id", "")})
     mv = lookup(manager, name, version)
     header_length = request.headers.get(HEADER_LENGTH)
-    body = await admit(mv, settings, ctx["request_id"], request.receive,
-                       *body_limit(settings, json=header_length is None))
-    content, json_length = await v2_infer(mv, settings, ctx, body, header_length)
+    with Accounted(mv, "rest") as accounted:
+        body = await accounted.admit(mv, settings, ctx["request_id"], request.receive,
+                                     *body_limit(settings, json=header_length is None))
+        content, json_length = await v2_infer(mv, settings, ctx, body, header_length)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

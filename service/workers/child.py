@@ -47,11 +47,11 @@ def _run(model: Any, torch: Any, device: Any, array: np.ndarray) -> Outputs:
 
     components: dict[str, Any] = {}
     with torch.inference_mode():
-        y, risk = model(x, return_risk=True)
+        y, risk = model.predict(x)  # a capsa.Risk for every stack: risk_score ranks saturated classifiers by it
         score = capsa.risk_score(risk)
-        if isinstance(risk, capsa.Risk):  # a composed model: the served risk is the total, plus each component
+        if model.composed:  # a composed model: the served risk is the total, plus each component
             components = {f"risk_{kind}": value for kind, value in risk.components().items()}
-            risk = risk.total
+        risk = risk.total
         if device.type != "cpu":
             y, risk, score = y.cpu(), risk.cpu(), score.cpu()
             components = {name: value.cpu() for name, value in components.items()}
@@ -107,8 +107,8 @@ def worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
             # so with it a sample's result would depend on the batch dynamic batching put it in.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(1)
+        with contextlib.suppress(RuntimeError):  # only possible before the first parallel work
+            torch.set_num_interop_threads(spec.interop_threads)
         allowed = list(spec.allowed_modules) if spec.allowed_modules is not None else None
         model = capsa.load_bundle(spec.bundle_path, device=str(device), allowed_modules=allowed)
         shape = tuple(1 if d == -1 else d for d in spec.input_shape[1:])
@@ -118,7 +118,7 @@ def worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
         with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
             send(sock, LoadFailed(_error(exc)))
         return
-    send(sock, Ready(os.getpid(), str(device)))
+    send(sock, Ready(os.getpid(), str(device), torch.get_num_threads(), torch.get_num_interop_threads()))
     serve(sock, lambda message: run_batch(model, torch, device, message))
 
 

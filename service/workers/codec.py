@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.workers.messages import MESSAGE_TYPES, Message
+from service.workers.messages import MESSAGE_TYPES, Message, Outputs, Result, RunBatch
 
 MAGIC = b"CW1\0"
 _PREFIX = struct.Struct("<4sI")
@@ -44,31 +44,72 @@ _FIELDS: dict[type, tuple[str, ...]] = {
 }
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 def _to_json(value: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(value, np.ndarray):
+    # Ordered by frequency (this runs for every field of every frame: scalars first, then arrays and messages).
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is np.ndarray:
         arrays.append(np.ascontiguousarray(value))
         return {"#": len(arrays) - 1}
-    names = _FIELDS.get(type(value))
+    names = _FIELDS.get(kind)
     if names is not None:
-        out = {"$": type(value).__name__}
+        out = {"$": kind.__name__}
         for name in names:
             out[name] = _to_json(getattr(value, name), arrays)
         return out
+    if kind is tuple or kind is list:
+        return [_to_json(item, arrays) for item in value]
+    if isinstance(value, np.ndarray):  # a subclass
+        arrays.append(np.ascontiguousarray(value))
+        return {"#": len(arrays) - 1}
     if dataclasses.is_dataclass(value):
         raise TypeError(f"cannot encode {type(value).__qualname__}: not a worker message type")
     if isinstance(value, (tuple, list)):
         return [_to_json(item, arrays) for item in value]
     if isinstance(value, np.generic):
         return value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"cannot encode a {type(value).__qualname__} in a worker message")
+
+
+def _outputs_json(outputs: Outputs, arrays: list[np.ndarray]) -> dict[str, Any]:
+    """``_to_json`` of an :class:`Outputs`, written out (it is in every result: the hot path of the round trip)."""
+    first = len(arrays)
+    arrays += (np.ascontiguousarray(outputs.prediction), np.ascontiguousarray(outputs.risk),
+               np.ascontiguousarray(outputs.risk_score))
+    components = []
+    for name, array in outputs.components:
+        components.append([_to_json(name, arrays), {"#": len(arrays)}])
+        arrays.append(np.ascontiguousarray(array))
+    return {"$": "Outputs", "prediction": {"#": first}, "risk": {"#": first + 1}, "risk_score": {"#": first + 2},
+            "components": components}
+
+
+def _message_json(message: Message, arrays: list[np.ndarray]) -> Any:
+    """``_to_json(message)``: the same JSON, built directly for the messages of every batch (a batch and its
+    result with outputs), generically for the rest."""
+    kind = type(message)
+    if kind is RunBatch:
+        assert isinstance(message, RunBatch)
+        arrays.append(np.ascontiguousarray(message.array))
+        return {"$": "RunBatch", "batch_id": _to_json(message.batch_id, arrays), "array": {"#": len(arrays) - 1},
+                "offsets": [_to_json(o, arrays) for o in message.offsets]}
+    if kind is Result and type(message.outcome) is Outputs:  # type: ignore[union-attr]
+        assert isinstance(message, Result) and isinstance(message.outcome, Outputs)
+        return {"$": "Result", "batch_id": _to_json(message.batch_id, arrays),
+                "compute_s": _to_json(message.compute_s, arrays), "outcome": _outputs_json(message.outcome, arrays)}
+    return _to_json(message, arrays)
 
 
 def encode(message: Message) -> list[bytes | memoryview]:
     """The frame of ``message`` as buffers to write in order (large arrays are views of their own memory)."""
     arrays: list[np.ndarray] = []
-    body = _to_json(message, arrays)
+    body = _message_json(message, arrays)
     views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     header = orjson.dumps({"m": body, "a": [[a.dtype.str, list(a.shape), v.nbytes] for a, v in zip(
         arrays, views, strict=True)]})
@@ -82,23 +123,24 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 
 def _from_json(value: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(value, list):
-        return tuple(_from_json(item, arrays) for item in value)
-    if isinstance(value, dict):
-        if "#" in value:
-            index = value["#"]
-            if not isinstance(index, int) or not 0 <= index < len(arrays):
-                raise ProtocolError(f"array reference {index!r} is out of range ({len(arrays)} arrays)")
-            return arrays[index]
-        cls = MESSAGE_TYPES.get(value.get("$"))  # type: ignore[arg-type]
-        if cls is None:
-            raise ProtocolError(f"unknown message type {value.get('$')!r}")
-        fields = {k: _from_json(v, arrays) for k, v in value.items() if k != "$"}
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
-    return value
+    kind = type(value)
+    if kind is list:
+        return tuple([_from_json(item, arrays) for item in value])
+    if kind is not dict:
+        return value
+    if "#" in value:
+        index = value["#"]
+        if type(index) is not int or not 0 <= index < len(arrays):
+            raise ProtocolError(f"array reference {index!r} is out of range ({len(arrays)} arrays)")
+        return arrays[index]
+    cls = MESSAGE_TYPES.get(value.get("$"))
+    if cls is None:
+        raise ProtocolError(f"unknown message type {value.get('$')!r}")
+    fields = {k: _from_json(v, arrays) for k, v in value.items() if k != "$"}
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
 
 
 _DTYPES: dict[str, np.dtype] = {}  # dtype strings seen (a handful: the models' input and output dtypes)

@@ -173,7 +173,9 @@ class WorkerProcess:
                 if self.state == "stopping":  # told to stop while loading: the Stop message is on its way
                     return
                 self.state = "ready"
-                log.info("worker ready", extra={"worker": self.name, "pid": self.pid, "device": message.device})
+                log.info("worker ready", extra={"worker": self.name, "pid": self.pid, "device": message.device,
+                                                "torch_threads": message.threads,
+                                                "interop_threads": message.interop_threads})
                 self._on_ready(self)
             elif isinstance(message, LoadFailed):
                 self._cancel_start_timer()

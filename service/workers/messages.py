@@ -21,16 +21,19 @@ class WorkerSpec:
     input_shape: tuple[int, ...]  # the model's input shape, -1 for variable dimensions
     input_dtype: str  # numpy dtype string
     allowed_modules: tuple[str, ...] | None
-    torch_threads: int = 1
+    torch_threads: int = 1  # intra-op threads (CPU workers)
     warmup_batch: int = 1
+    interop_threads: int = 1
 
 
 @dataclass(frozen=True)
 class Ready:
-    """The model is loaded and warmed up."""
+    """The model is loaded and warmed up; ``threads``/``interop_threads``: torch's thread counts as set."""
 
     pid: int
     device: str
+    threads: int = 0
+    interop_threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,15 @@ def kserve_doc() -> dict[str, Any]:
     return yaml.safe_load(KSERVE.read_text())
 
 
+def grpc_probes(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every native gRPC probe of the manifests: "place probe" -> its ``grpc`` (port, service)."""
+    containers = {f"kubernetes/{o}": one(rendered[o], "Deployment")["spec"]["template"]["spec"]["containers"][0]
+                  for o in OVERLAYS}
+    (containers["kserve"],) = kserve_doc()["spec"]["predictor"]["containers"]
+    return {f"{place} {probe}": container[probe]["grpc"] for place, container in containers.items()
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe") if "grpc" in container[probe]}
+
+
 # --- Dockerfile parsing --------------------------------------------------------------------------------------------
 
 def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from .helpers import (
     dockerfile_env,
     dockerfile_instructions,
     exec_form,
+    grpc_probes,
     kserve_doc,
     one,
 )
@@ -135,7 +136,7 @@ def test_port_agrees_everywhere(rendered: dict[str, list[dict[str, Any]]]) -> No
         (container,) = one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]["containers"]
         assert [p["containerPort"] for p in container["ports"]] == [port, grpc_port]
         assert [p["port"] for p in one(rendered[overlay], "Service")["spec"]["ports"]] == [port, grpc_port]
-    assert [p["containerPort"] for p in _kserve_container()["ports"]] == [port]  # KServe routes one port
+    assert [p["containerPort"] for p in _kserve_container()["ports"]] == [port, grpc_port]
     capsa = yaml.safe_load(COMPOSE.read_text())["services"]["capsa"]
     assert [int(p.split("#")[0].rsplit(":", 1)[1]) for p in capsa["ports"]] == [port, grpc_port]
     prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
@@ -198,7 +199,8 @@ def _probe_paths(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     containers["kserve"] = _kserve_container()
     for place, container in containers.items():
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            paths[f"{place} {probe}"] = container[probe]["httpGet"]["path"]
+            if "httpGet" in container[probe]:  # the gRPC ones: test_grpc_probes_agree, test_live_metrics
+                paths[f"{place} {probe}"] = container[probe]["httpGet"]["path"]
     for overlay in OVERLAYS:
         for endpoint in one(rendered[overlay], "ServiceMonitor")["spec"]["endpoints"]:
             paths[f"kubernetes/{overlay} ServiceMonitor"] = endpoint["path"]
@@ -216,6 +218,17 @@ def test_probe_and_metrics_paths_are_routes(app: Any, rendered: dict[str, list[d
     for place, path in _probe_paths(rendered).items():
         assert _serves_get(app, path), f"{place}: GET {path} is not a route of service.app"
     assert not _serves_get(app, "/v2/health/alive"), "route matching is broken: it accepts any path"
+
+
+def test_grpc_probes_agree(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The gRPC probes target the gRPC port (CAPSA_GRPC_PORT) and a service the server's grpc.health.v1 knows
+    (test_live_metrics asks the real server what each returns)."""
+    probes = grpc_probes(rendered)
+    assert {place.split()[0] for place in probes} == {*(f"kubernetes/{o}" for o in OVERLAYS), "kserve"}
+    grpc_port = Settings.model_fields["grpc_port"].default
+    for place, probe in probes.items():
+        assert probe["port"] == grpc_port, place
+        assert probe.get("service", "") in ("", "inference.GRPCInferenceService"), place
 
 
 def test_healthcheck_port_is_the_setting() -> None:

@@ -106,13 +106,18 @@ def test_probes(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None
     container = _container(rendered[overlay])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Liveness: a native gRPC probe (grpc.health.v1, overall service "") on the gRPC port, a number (Kubernetes'
+    # grpc probes take no port name) equal to the container port named grpc and to CAPSA_GRPC_PORT.
+    liveness = container["livenessProbe"]
+    assert set(liveness) & {"httpGet", "grpc", "tcpSocket", "exec"} == {"grpc"}
+    assert liveness["grpc"]["port"] == ports["grpc"] == int(_configmap(rendered[overlay])["CAPSA_GRPC_PORT"])
+    assert liveness["grpc"].get("service", "") == ""
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/v2/health/live"
     # A slow model load (a big bundle from S3, warm-up) must not get the pod killed: give it minutes.
     budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     assert budget >= 300, f"startup probe allows only {budget} s"
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe in ("readinessProbe", "startupProbe"):
         port = container[probe]["httpGet"]["port"]
         assert port in ports or port in ports.values(), f"{probe} targets port {port!r}, not a container port"
 
@@ -301,11 +306,16 @@ def test_kserve_predictor_agrees_with_the_deployment(rendered: dict[str, list[di
     kserve, deployment = container[0], _container(rendered["cpu"])
     assert kserve["image"].split(":")[0] == deployment["image"].split(":")[0]
     assert kserve["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert kserve["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert kserve["livenessProbe"]["grpc"] == deployment["livenessProbe"]["grpc"]
     assert kserve["securityContext"] == deployment["securityContext"]
     env = {e["name"]: e for e in kserve["env"]}
     assert env["CAPSA_HOST"]["value"] == "0.0.0.0"
     assert int(env["CAPSA_PORT"]["value"]) == kserve["ports"][0]["containerPort"]
+    # Both protocols: REST first (KServe's main port), then a port whose name says gRPC (KServe routes
+    # application/grpc there), the one the liveness probe checks.
+    assert kserve["ports"][0]["name"] == "http1" and "grpc" in kserve["ports"][1]["name"]
+    assert int(env["CAPSA_GRPC_PORT"]["value"]) == kserve["ports"][1]["containerPort"] == kserve["livenessProbe"][
+        "grpc"]["port"]
     assert env["CAPSA_MODEL_REPOSITORY"]["value"].startswith("s3://")
     grace = _kserve_pod()["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(env["CAPSA_DRAIN_TIMEOUT_S"]["value"])

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from .helpers import DASHBOARD, PROMETHEUS, dashboard_exprs, find_executable, promql_metric_names
+from .helpers import DASHBOARD, PROMETHEUS, dashboard_exprs, find_executable, grpc_probes, promql_metric_names
 
 # Series that Prometheus itself makes, not the service: `up` (scrape health) is used by the target-down alerts.
 PROMETHEUS_GENERATED = {"up"}
@@ -33,12 +33,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def grpc_port() -> int:
+    """The server's gRPC port."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, grpc_port: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     executable = find_executable("capsa-serve")
     assert executable, "the capsa-serve console script is not installed (pip install -e .)"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSA_")}
-    env.update({"CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(port), "CAPSA_GRPC_PORT": str(_free_port()),
+    env.update({"CAPSA_HOST": "127.0.0.1", "CAPSA_PORT": str(port), "CAPSA_GRPC_PORT": str(grpc_port),
                 "CAPSA_DEVICES": "cpu",
                 "CAPSA_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "CAPSA_LOG_LEVEL": "warning",
                 "CAPSA_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
@@ -145,6 +151,43 @@ def test_the_panels_have_data(metrics_after_traffic: dict[str, float]) -> None:
     assert m["capsa_inference_count_total"] >= 9 and m["capsa_inference_exec_count_total"] >= 1
     assert m["capsa_risk_score_count"] >= 9 and m["capsa_flagged_total"] >= 1
     assert m["capsa_inference_request_duration_seconds_count"] >= 3
+
+
+@pytest.mark.slow
+def test_the_protocol_variable_has_values(server: tuple[str, subprocess.Popen[bytes]],
+                                          metrics_after_traffic: dict[str, float]) -> None:
+    """The dashboard's protocol variable (label_values of the request counter) finds rest and grpc, and the REST
+    traffic above is counted under protocol="rest"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+    by_protocol: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "capsa_inference_request_success_total":
+                by_protocol[sample.labels["protocol"]] = by_protocol.get(sample.labels["protocol"], 0) + sample.value
+    assert set(by_protocol) == {"rest", "grpc"}
+    assert by_protocol["rest"] >= 3 and by_protocol["grpc"] == 0
+
+
+@pytest.mark.slow
+def test_the_grpc_probes_pass_on_the_real_server(server: tuple[str, subprocess.Popen[bytes]], grpc_port: int,
+                                                 rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Each native gRPC probe of the manifests, as the kubelet runs it (grpc.health.v1 Check of its service on
+    the gRPC port), answers SERVING on the real server; an unknown service would be NOT_FOUND."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    probes = grpc_probes(rendered)
+    assert probes, "no gRPC probe in the manifests"
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for place, probe in probes.items():
+            answer = health.Check(health_pb2.HealthCheckRequest(service=probe.get("service", "")), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, place
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.slow

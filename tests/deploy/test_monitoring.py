@@ -144,9 +144,11 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     def having(*fragments: str) -> list[str]:
         return [t for t, exprs in by_title.items() if any(all(f in e for f in fragments) for e in exprs)]
 
-    assert having("rate(capsa_inference_request_success_total", "by (model)"), "request rate per model"
+    assert having("rate(capsa_inference_request_success_total", "by (model, protocol)"), "request rate per model"
+    assert having("rate(capsa_inference_request_failure_total", "by (model, protocol)"), "failure rate per model"
     latency = "capsa_inference_request_duration_seconds_bucket"
-    assert having("histogram_quantile(0.5,", latency) and having("histogram_quantile(0.99,", latency)
+    assert having("histogram_quantile(0.5,", latency, "by (model, protocol, le)")
+    assert having("histogram_quantile(0.99,", latency, "by (model, protocol, le)")
     assert having("histogram_quantile(", "capsa_inference_queue_duration_seconds_bucket"), "queue time"
     assert having("capsa_inference_count_total", "/", "capsa_inference_exec_count_total"), "batch size"
     heatmaps = [p for p in _panels(_dashboard()) if p["type"] == "heatmap"]
@@ -156,11 +158,47 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert having("rate(capsa_flagged_total", "by (model)"), "flagged rate per model"
 
 
+#: The per-request metrics, labelled protocol="rest"|"grpc" (service.metrics); every other one is protocol-neutral.
+PER_REQUEST = ("capsa_inference_request_success_total", "capsa_inference_request_failure_total",
+               "capsa_inference_request_duration_seconds_bucket", "capsa_inference_request_duration_seconds_count",
+               "capsa_inference_request_duration_seconds_sum")
+
+
+def _selects_protocol(expr: str) -> set[str]:
+    """The metrics an expression selects with a ``protocol`` matcher."""
+    return {name for name, matchers in re.findall(r"(\w+)\{([^}]*)\}", expr)
+            if re.search(r"\bprotocol\s*[=!]", matchers)}
+
+
+def test_protocol_is_selected_only_on_the_per_request_metrics() -> None:
+    """A protocol matcher on a protocol-neutral metric (samples, batches, risk) would select nothing."""
+    exprs = [expr for _, expr in dashboard_exprs(_dashboard())] + [rule["expr"] for rule in _rules()]
+    wrong = {name for expr in exprs for name in _selects_protocol(expr)} - set(PER_REQUEST)
+    assert not wrong, f"protocol selected on protocol-neutral metrics: {sorted(wrong)}"
+    assert _selects_protocol('rate(capsa_x_total{model=~"$m",protocol=~"$protocol"}[1m]) + y{a="b"}') == {
+        "capsa_x_total"}
+
+
+def test_dashboard_has_a_protocol_variable() -> None:
+    (variable,) = [v for v in _dashboard()["templating"]["list"] if v["name"] == "protocol"]
+    assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+    assert "capsa_inference_request_success_total, protocol" in variable["definition"]
+
+
+def test_model_alerts_sum_over_protocol() -> None:
+    """The request alerts are about the model: they aggregate the per-request metrics by model, dropping protocol
+    (the promtool tests show a model whose failures are all gRPC firing once, without a protocol label)."""
+    for rule in _rules():
+        if any(name in rule["expr"] for name in PER_REQUEST):
+            groupings = re.findall(r"\bby\s*\(([^)]*)\)", rule["expr"])
+            assert groupings and all("protocol" not in g for g in groupings), rule["alert"]
+
+
 def test_dashboard_exprs_are_valid_promql() -> None:
     """Each panel query, with Grafana's variables substituted, passes promtool's PromQL parser."""
     rules = []
     for number, (title, expr) in enumerate(dashboard_exprs(_dashboard())):
-        concrete = expr.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$model", ".*")
+        concrete = re.sub(r"\$(?!__)\w+", ".*", expr.replace("$__rate_interval", "1m").replace("$__interval", "1m"))
         rules.append({"record": f"dashboard:query_{number}", "expr": concrete, "labels": {"panel": title}})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dashboard-queries.yml"

@@ -172,11 +172,13 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def metric(text: str, name: str, model: str, version: str = "1") -> float:
-    """One sample of the Prometheus text for a model version (0 if absent)."""
-    pattern = rf'^{re.escape(name)}\{{(?=[^}}]*model="{re.escape(model)}")(?=[^}}]*version="{version}")[^}}]*\}} (\S+)$'
-    match = re.search(pattern, text, re.M)
-    return float(match.group(1)) if match else 0.0
+def metric(text: str, name: str, model: str, version: str = "1", protocol: str | None = None) -> float:
+    """A sample of the Prometheus text for a model version (0 if absent), summed over its other labels (the
+    per-request metrics' ``protocol``) unless ``protocol`` picks one."""
+    only = "" if protocol is None else rf'(?=[^}}]*protocol="{protocol}")'
+    pattern = (rf'^{re.escape(name)}\{{(?=[^}}]*model="{re.escape(model)}")(?=[^}}]*version="{version}"){only}'
+               rf'[^}}]*\}} (\S+)$')
+    return sum((float(value) for value in re.findall(pattern, text, re.M)), 0.0)
 
 
 @pytest.fixture(scope="session")

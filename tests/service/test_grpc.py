@@ -22,7 +22,15 @@ import tritonclient.grpc as tg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.service.conftest import ADMIN_TOKEN, IN_FEATURES, WRAPPERS, ServerProcess, expected, metric
+from tests.service.conftest import (
+    ADMIN_TOKEN,
+    IN_FEATURES,
+    WRAPPERS,
+    ServerProcess,
+    add_model,
+    expected,
+    metric,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 T = 30.0  # every client call's timeout (seconds)
@@ -218,6 +226,42 @@ def test_request_id_is_echoed(client: tg.InferenceServerClient, server: ServerPr
     raise AssertionError("no access log line for the gRPC request")
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+def by_protocol(text: str, model: str) -> dict[tuple[str, str], float]:
+    """(metric, protocol) -> value of the per-request metrics of a model version."""
+    names = ("capsa_inference_request_success_total", "capsa_inference_request_failure_total",
+             "capsa_inference_request_duration_seconds_count")
+    return {(name, protocol): metric(text, name, model, protocol=protocol)
+            for name in names for protocol in ("rest", "grpc")}
+
+
+def test_requests_are_counted_by_protocol(server: ServerProcess, client: tg.InferenceServerClient) -> None:
+    """The per-request metrics carry protocol="rest" or "grpc"; the batch and sample ones are protocol-neutral."""
+    wait_idle(server, "vote")
+    before = by_protocol(httpx.get(f"{server.url}/metrics", timeout=T).text, "vote")
+    x = sample_input(2)
+    for _ in range(2):
+        grpc_infer(client, "vote", x)
+    assert status_of(lambda: grpc_infer(client, "vote", np.zeros((1, 5), np.float32)))[0] == "INVALID_ARGUMENT"
+    rest_infer(server, "vote", x)
+    bad = httpx.post(f"{server.url}/v2/models/vote/infer", timeout=T, json={"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5}]})
+    assert bad.status_code == 400
+    text = httpx.get(f"{server.url}/metrics", timeout=T).text
+    after = by_protocol(text, "vote")
+    delta = {key: after[key] - before[key] for key in after}
+    assert delta == {
+        ("capsa_inference_request_success_total", "rest"): 1, ("capsa_inference_request_success_total", "grpc"): 2,
+        ("capsa_inference_request_failure_total", "rest"): 1, ("capsa_inference_request_failure_total", "grpc"): 1,
+        ("capsa_inference_request_duration_seconds_count", "rest"): 2,
+        ("capsa_inference_request_duration_seconds_count", "grpc"): 3,
+    }
+    neutral = [line for line in text.splitlines()
+               if line.startswith(("capsa_inference_count_total{", "capsa_inference_exec_count_total{",
+                                   "capsa_inference_queue_duration_seconds_count{", "capsa_risk_score_count{"))]
+    assert neutral and not [line for line in neutral if "protocol=" in line], neutral
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_errors_are_invalid_argument_and_not_found(client: tg.InferenceServerClient) -> None:
     x = sample_input(1)
@@ -287,6 +331,8 @@ def test_client_deadline_counts_and_drops_the_queued_request(server: ServerProce
 def test_full_queue_is_unavailable(server: ServerProcess, client: tg.InferenceServerClient) -> None:
     """sleepy's queue holds 2 requests: while one runs and two wait, a gRPC request gets UNAVAILABLE."""
     wait_idle(server, "sleepy")
+    failed_before = metric(httpx.get(f"{server.url}/metrics", timeout=T).text,
+                           "capsa_inference_request_failure_total", "sleepy", protocol="grpc")
 
     async def scenario() -> tuple[list[int], tuple[str, str]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=T) as http:
@@ -313,6 +359,9 @@ def test_full_queue_is_unavailable(server: ServerProcess, client: tg.InferenceSe
     statuses, (code, message) = asyncio.run(scenario())
     assert statuses == [200, 200, 200]
     assert code == "UNAVAILABLE" and "queue is full" in message
+    failed = metric(httpx.get(f"{server.url}/metrics", timeout=T).text,
+                    "capsa_inference_request_failure_total", "sleepy", protocol="grpc") - failed_before
+    assert failed == 1, "a gRPC request shed at admission counts as a gRPC failure"
     wait_idle(server, "sleepy")
 
 
@@ -379,3 +428,65 @@ def test_sigterm_answers_in_flight_grpc_requests_and_exits_0(registry: dict[str,
         assert code == 0, proc.log()[-3000:]
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------- connection cap
+def own_channel(server: ServerProcess) -> grpc.Channel:
+    """A channel with its own TCP connection (channels to one address otherwise share the process's subchannel)."""
+    return grpc.insecure_channel(server.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def infer_request(x: np.ndarray) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="vote")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+@pytest.mark.slow
+def test_connection_cap_refuses_new_connections_and_keeps_serving(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CAPSA_MAX_GRPC_CONNECTIONS=2: a third connection is closed at once (UNAVAILABLE) while the two open ones keep
+    serving inference; REST is unaffected; once one closes, a new connection is served."""
+    root, work = tmp_path_factory.mktemp("cap-registry"), tmp_path_factory.mktemp("cap-bundles")
+    add_model(root, work, "vote", "vote")
+    proc = ServerProcess(root, tmp_path_factory.mktemp("logs") / "grpc-cap.log",
+                         env={"CAPSA_MAX_GRPC_CONNECTIONS": "2"})
+    channels: list[grpc.Channel] = []
+    try:
+        proc.wait_ready()
+        listening = [e for e in proc.log_entries() if e.get("msg") == "listening (gRPC)"]
+        assert listening and listening[0]["max_connections"] == 2, listening
+        x = sample_input(2)
+        for _ in range(2):
+            channels.append(own_channel(proc))
+            assert service_pb2_grpc.GRPCInferenceServiceStub(channels[-1]).ServerLive(
+                service_pb2.ServerLiveRequest(), timeout=T).live
+        refused = own_channel(proc)
+        channels.append(refused)
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(refused).ServerLive(service_pb2.ServerLiveRequest(), timeout=T)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        for channel in channels[:2]:  # the open connections are still served, inference included
+            answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(x), timeout=T)
+            assert answer.outputs[0].name == "prediction" and list(answer.outputs[0].shape) == [2, 1]
+        assert httpx.get(f"{proc.url}/v2/health/live", timeout=T).status_code == 200  # REST has its own cap
+        channels.pop(0).close()
+        deadline = time.monotonic() + 60  # the server sees the close asynchronously: retry a fresh connection
+        while True:
+            fresh = own_channel(proc)
+            try:
+                live = service_pb2_grpc.GRPCInferenceServiceStub(fresh).ServerLive(
+                    service_pb2.ServerLiveRequest(), timeout=T).live
+                channels.append(fresh)
+                break
+            except grpc.RpcError as exc:
+                fresh.close()
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert time.monotonic() < deadline, "no connection accepted after one of the two closed"
+                time.sleep(0.1)
+        assert live
+    finally:
+        for channel in channels:
+            channel.close()
+        code = proc.stop()
+    assert code == 0, proc.log()[-3000:]

@@ -108,3 +108,32 @@ def test_bad_values_name_file_and_field(text: str, field: str) -> None:
 def test_bad_json(text: str | bytes, cause: str) -> None:
     with pytest.raises(ConfigError, match=rf"^reg/m/config\.json: .*{cause}"):
         ModelConfig.from_json(text, source="reg/m/config.json")
+
+
+# ---------------------------------------------------------------------------------------------- worker threads
+def test_worker_threads_default_and_validation() -> None:
+    config = ModelConfig.from_json('{"torch_threads": 4, "interop_threads": 2}', source="m/config.json")
+    assert (config.torch_threads, config.interop_threads) == (4, 2)
+    assert (ModelConfig().torch_threads, ModelConfig().interop_threads) == (None, 1)
+    for bad, words in (({"torch_threads": 0}, "torch_threads: Input should be greater than or equal to 1"),
+                       ({"torch_threads": "4"}, "torch_threads: Input should be a valid integer"),
+                       ({"torch_threads": True}, "torch_threads: Input should be a valid integer"),
+                       ({"interop_threads": 0}, "interop_threads: Input should be greater than or equal to 1"),
+                       ({"torch_threads": 2.5}, "torch_threads: Input should be a valid integer")):
+        with pytest.raises(ConfigError) as info:
+            ModelConfig.from_json(json.dumps(bad), source="m/config.json")
+        assert str(info.value).startswith("m/config.json: ") and words in str(info.value), str(info.value)
+
+
+def test_worker_threads_precedence_and_default() -> None:
+    from service.model_config import MAX_DEFAULT_TORCH_THREADS, worker_torch_threads
+
+    assert worker_torch_threads(3, 5, cpu_workers=1, cores=64) == 3  # config.json first
+    assert worker_torch_threads(None, 5, cpu_workers=1, cores=64) == 5  # then CAPSA_TORCH_THREADS
+    # then the cores less one for the HTTP process, shared by the version's CPU workers, within [1, the cap]
+    assert worker_torch_threads(None, None, cpu_workers=1, cores=2) == 1
+    assert worker_torch_threads(None, None, cpu_workers=1, cores=1) == 1
+    assert worker_torch_threads(None, None, cpu_workers=2, cores=9) == 4
+    assert worker_torch_threads(None, None, cpu_workers=3, cores=4) == 1
+    assert worker_torch_threads(None, None, cpu_workers=0, cores=5) == 4  # GPU-only versions: no CPU worker
+    assert worker_torch_threads(None, None, cpu_workers=1, cores=128) == MAX_DEFAULT_TORCH_THREADS

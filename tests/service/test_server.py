@@ -330,8 +330,10 @@ def test_metrics(server: ServerProcess) -> None:
     infer(server, "vote", sample_input(3), parameters={"risk_threshold": 0.0})
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("capsa_inference_request_success_total", "capsa_inference_request_failure_total",
-                 "capsa_inference_count_total", "capsa_inference_exec_count_total",
-                 "capsa_inference_request_duration_seconds_count", "capsa_inference_queue_duration_seconds_count",
+                 "capsa_inference_request_duration_seconds_count"):  # per request: labelled by protocol too
+        assert f'{name}{{model="vote",protocol="rest",version="1"}}' in text, name
+    for name in ("capsa_inference_count_total", "capsa_inference_exec_count_total",
+                 "capsa_inference_queue_duration_seconds_count",
                  "capsa_inference_compute_duration_seconds_count", "capsa_inference_pending_requests",
                  "capsa_model_ready", "capsa_risk_score_count", "capsa_flagged_total"):
         assert f'{name}{{model="vote",version="1"}}' in text, name

@@ -53,13 +53,21 @@ def test_invalid_settings_never_print_their_values(monkeypatch: pytest.MonkeyPat
 def test_the_connection_cap_keeps_file_descriptors_for_the_workers() -> None:
     import resource
 
-    from service.edge import EdgeLimits, fd_connection_cap
+    from service.edge import EdgeLimits, fd_connection_cap, grpc_connection_cap
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     cap = fd_connection_cap()
     assert 8 <= cap < soft and soft - cap >= min(64, soft // 2)
-    assert EdgeLimits.from_settings(Settings()).max_connections == cap
-    assert EdgeLimits.from_settings(Settings(max_connections=soft * 2)).max_connections == cap
+    # REST and gRPC share the budget: gRPC a quarter by default, at most half; REST the rest.
+    grpc_cap = grpc_connection_cap(Settings())
+    assert grpc_cap == cap // 4 and grpc_connection_cap(Settings(grpc_port=0)) == 0
+    assert grpc_connection_cap(Settings(max_grpc_connections=soft * 2)) == cap // 2
+    assert grpc_connection_cap(Settings(max_grpc_connections=3)) == 3
+    assert EdgeLimits.from_settings(Settings()).max_connections == cap - grpc_cap
+    assert EdgeLimits.from_settings(Settings(grpc_port=0)).max_connections == cap
+    assert EdgeLimits.from_settings(Settings(max_connections=soft * 2)).max_connections == cap - grpc_cap
+    assert EdgeLimits.from_settings(Settings(max_connections=soft * 2, max_grpc_connections=3)).max_connections == (
+        cap - 3)
     assert EdgeLimits.from_settings(Settings(max_connections=5)).max_connections == 5
 
 

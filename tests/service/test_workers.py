@@ -156,3 +156,23 @@ def test_child_loop_refuses_a_truncated_frame() -> None:
     with pytest.raises(ProtocolError, match="into a frame"):
         serve(child, lambda m: None)
     child.close()
+
+
+def test_batch_messages_are_encoded_as_the_generic_encoder_does() -> None:
+    """The written-out JSON of RunBatch and Result(Outputs) (the messages of every batch) is exactly the generic
+    encoder's, with and without components, so the wire format and the decoder stay one."""
+    from service.workers.codec import _message_json, _to_json
+    from service.workers.messages import Failed, Ready, Result, RunBatch, Split
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    z = np.ones((3, 1), np.float32)
+    for message in (RunBatch(1, x, (0, 1, 3)), RunBatch(np.int64(2), x[:0], ()),
+                    Result(3, 0.25, Outputs(z, z, z[:, 0])),
+                    Result(4, 1, Outputs(z, z * 2, z[:, 0], (("risk_aleatoric", z), ("risk_epistemic", z * 3)))),
+                    Result(5, 0.1, Failed("E: x")), Result(6, 0.1, Split((Outputs(z, z, z[:, 0]), Failed("e")))),
+                    Ready(7, "cpu", 2, 1)):
+        generic: list[np.ndarray] = []
+        fast: list[np.ndarray] = []
+        assert _message_json(message, fast) == _to_json(message, generic), message
+        assert [(a.dtype, a.shape, a.tobytes()) for a in fast] == [(a.dtype, a.shape, a.tobytes()) for a in generic]
+        assert read_all(frame(message), [len(frame(message))])[0].__class__ is type(message)
