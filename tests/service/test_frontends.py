@@ -80,6 +80,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "tiny": add_model(root, work, "tiny", "sculpt", arch="sleepy",
                           config={"max_batch_size": 1, "max_queue_size": 2}),
         "slow": add_model(root, work, "slow", "sculpt", arch="sleepy", config={"max_batch_size": 1}),
+        "touchy": add_touchy(root, work),
     }
     server = ServerProcess(root, tmp_path_factory.mktemp("logs") / "server.log", env={
         "CAPSA_HTTP_PROCESSES": "2", "CAPSA_MAX_REQUEST_BYTES": str(64 * 1024), "CAPSA_REQUEST_TIMEOUT_S": "8",
@@ -95,6 +96,29 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         assert code == 0, f"capsa-serve exited with {code}:\n{server.log()[-3000:]}"
         for pid in pids:  # every front end stopped with the primary
             wait_for(lambda pid=pid: not alive(pid), f"front end {pid} to exit", server)
+
+
+def add_touchy(root: Path, work: Path) -> Path:
+    """``touchy``: a vote-wrapped linear model that raises when the first input value is 666 (tests/service/
+    edge_arch.py)."""
+    import importlib.util
+
+    import torch
+
+    from service.registry import publish
+
+    arch = Path(__file__).with_name("edge_arch.py")
+    spec = importlib.util.spec_from_file_location("edge_arch_for_frontends", arch)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    wrapped = capsa.vote.Wrapper(n_voters=2)(module.build(4))
+    x = torch.randn(4, 4)
+    wrapped(x)
+    bundle = capsa.save_bundle(wrapped, work / "touchy", architecture="architecture:build", kwargs={"in_features": 4},
+                               example_input=x, architecture_file=arch)
+    publish(bundle, str(root), "touchy", 1)
+    return bundle
 
 
 def alive(pid: int) -> bool:
@@ -188,6 +212,28 @@ def test_limits_and_errors_on_every_front_end(fleet: dict[str, Any]) -> None:
     for r in until_both(statuses(v2(np.zeros((1, 3), np.float32)), "/v2/models/vote/infer", 400)):
         assert "shape" in r.json()["error"]
     until_both(statuses(v2(np.zeros((1, 4), np.float32)), "/v2/models/nope/infer", 404))
+
+
+@slow
+def test_model_failures_and_non_finite_outputs_on_every_front_end(fleet: dict[str, Any]) -> None:
+    """The primary's batcher's verdicts reach every front end with the same status: a model that raises is 500
+    without its internals, an output that is not finite is 400 naming the sample."""
+    server: ServerProcess = fleet["server"]
+
+    def send(path: str, x: np.ndarray, status: int) -> Callable[[], list[httpx.Response]]:
+        def round_() -> list[httpx.Response]:
+            with ThreadPoolExecutor(6) as pool:
+                responses = list(pool.map(lambda _: post(server.url + path, v2(x)), range(6)))
+            for r in responses:
+                assert r.status_code == status, (r.status_code, r.text)
+            return responses
+        return round_
+
+    for r in until_both(send("/v2/models/touchy/infer", np.full((1, 4), 666, np.float32), 500)):
+        assert "secret" not in r.text and "request id" in r.json()["error"]
+    huge = np.array([[1.0, 2.0, 3.0, 4.0], [3e38, 3e38, 3e38, 3e38]], np.float32)  # finite in, inf out
+    for r in until_both(send("/v2/models/vote/infer", huge, 400)):
+        assert "not finite for sample(s) [1]" in r.json()["error"]
 
 
 @slow
