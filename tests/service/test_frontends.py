@@ -266,8 +266,8 @@ def test_deadline_is_504_on_every_front_end(fleet: dict[str, Any]) -> None:
     url = server.url + "/v2/models/slow/infer"
 
     def send() -> list[httpx.Response]:
-        with ThreadPoolExecutor(4) as pool:  # one at a time, each 8.5 s, past the 8 s deadline: all 504
-            responses = list(pool.map(lambda _: post(url, v2(np.full((1, 4), 8600, np.float32))), range(4)))
+        with ThreadPoolExecutor(6) as pool:  # one at a time, each 8.5 s, past the 8 s deadline: all 504
+            responses = list(pool.map(lambda _: post(url, v2(np.full((1, 4), 8600, np.float32))), range(6)))
         for r in responses:
             assert r.status_code == 504, (r.status_code, r.text)
             assert "deadline" in r.json()["error"]
