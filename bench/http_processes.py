@@ -1,4 +1,5 @@
-"""CAPSA_HTTP_PROCESSES=1 against N: the same model, the same wrk load, interleaved rounds.
+"""CAPSA_HTTP_PROCESSES=1 against N (and, with ``--hub``, N front ends with CAPSA_HTTP_MAIN_SERVES=false): the
+same model, the same wrk load, interleaved rounds.
 
 Both servers run side by side (an idle one costs next to nothing) and are measured in alternation, ``--rounds``
 times, so that the machine's other load hits both alike. Per run: requests/s, p50/p99, the mean batch size, the CPU
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--hub", action="store_true",
+                        help="also N front ends with a main process that serves no HTTP (CAPSA_HTTP_MAIN_SERVES=false)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,19 +59,24 @@ def main() -> None:
         build_registry(registry)
         request = v2_json()
         script = wrk_script(request, Path(tmp))
-        servers: dict[int, Server] = {}
+        servers: dict[str, Server] = {}
+        configs = [("N=1", 1, "true"), (f"N={args.processes}", args.processes, "true")]
+        if args.hub:
+            configs.append((f"N={args.processes} hub", args.processes, "false"))
         try:
-            for n in (1, args.processes):
+            for label, n, serves in configs:
                 port = free_port()
-                server = start(f"capsa-{n}", [python(), "-m", "service", "--model-repository", str(registry),
-                                              "--port", str(port), "--devices", "cpu", "--http-processes", str(n)],
-                               Path(tmp), {"CAPSA_ALLOWED_MODULES": "architecture", "CAPSA_GRPC_PORT": "0"})
+                server = start(f"capsa-{n}-{serves}", [python(), "-m", "service", "--model-repository",
+                                                       str(registry), "--port", str(port), "--devices", "cpu",
+                                                       "--http-processes", str(n)],
+                               Path(tmp), {"CAPSA_ALLOWED_MODULES": "architecture", "CAPSA_GRPC_PORT": "0",
+                                           "CAPSA_HTTP_MAIN_SERVES": serves})
                 server.base = f"http://127.0.0.1:{port}"
-                servers[n] = server
+                servers[label] = server
             for server in servers.values():
                 wait_for(f"{server.base}/v2/health/ready", proc=server.proc)
                 run_wrk(server.base + request.path, script, args.connections, 2)  # warm-up
-            results: dict[int, list[dict[str, float]]] = {n: [] for n in servers}
+            results: dict[str, list[dict[str, float]]] = {label: [] for label in servers}
             for _ in range(args.rounds):
                 for n, server in servers.items():
                     pids = roles(server)
@@ -82,7 +90,7 @@ def main() -> None:
                     result["batch"] = (n1 - n0) / max(e1 - e0, 1)
                     result["load"] = os.getloadavg()[0]
                     results[n].append(result)
-                    print(f"N={n}: {result['rps']:.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} "
+                    print(f"{n}: {result['rps']:.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} "
                           f"ms, errors {result['errors']:.0f}, batch {result['batch']:.1f}, CPU us/request: primary "
                           f"{result['primary_us']:.0f}, front ends {result['frontend_us']:.0f}, worker "
                           f"{result['worker_us']:.0f}; wrk {result['wrk_cores']:.2f} cores; load "
@@ -93,8 +101,8 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPUs, c={args.connections}, {args.duration:g} s x {args.rounds} interleaved rounds, "
           "single-sample V2 JSON, vote(5) MLP 64-256-256-1")
     for n, runs in results.items():
-        ratios = [r["rps"] / b["rps"] for r, b in zip(runs, results[1], strict=True)]
-        print(f"N={n}: req/s {[round(r['rps']) for r in runs]}, ratio to N=1 {[round(x, 2) for x in ratios]}, "
+        ratios = [r["rps"] / b["rps"] for r, b in zip(runs, results["N=1"], strict=True)]
+        print(f"{n}: req/s {[round(r['rps']) for r in runs]}, ratio to N=1 {[round(x, 2) for x in ratios]}, "
               f"p99 ms {[round(r['p99'], 1) for r in runs]}")
 
 

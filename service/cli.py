@@ -80,16 +80,18 @@ def settings_problems(exc: ValidationError | SettingsError) -> str:
     return "\n".join(lines)
 
 
-def bind_tcp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def bind_tcp(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """The listening socket; ``reuse_port``: SO_REUSEPORT, so that every HTTP front end (service.frontends) binds
-    the same port and the kernel spreads connections over them."""
+    the same port and the kernel spreads connections over them; ``listen=False``: only bound (the port is held,
+    connections go to the front ends)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
@@ -164,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
     app: Any = create_app(settings)
     pool = None
+    serves = settings.http_processes == 1 or settings.http_main_serves
     try:
-        sock = bind_tcp(settings.host, settings.port, reuse_port=settings.http_processes > 1)
+        sock = bind_tcp(settings.host, settings.port, reuse_port=settings.http_processes > 1, listen=serves)
     except OSError as exc:
         log.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(exc)})
         return 1
-    sockets = [sock]
+    sockets = [sock] if serves else []
     if settings.http_processes > 1:  # secondary front ends on the same port (service.frontends)
         from service.frontends.primary import FrontendPool
 

@@ -63,7 +63,7 @@ def secondary_config(settings: Settings, *, index: int, port: int, forward_path:
     for key, value in values.items():
         if hasattr(value, "get_secret_value"):
             values[key] = value.get_secret_value()
-    values.update(port=port, http_processes=1, grpc_port=0, devices="cpu", demo=False)
+    values.update(port=port, http_processes=1, http_main_serves=True, grpc_port=0, devices="cpu", demo=False)
     return orjson.dumps({"settings": values, "index": index, "forward_path": forward_path, "http_path": http_path})
 
 
@@ -72,7 +72,7 @@ class FrontendPool:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.count = settings.http_processes - 1
+        self.count = settings.http_processes - (1 if settings.http_main_serves else 0)  # secondaries
         self.dir = Path(tempfile.mkdtemp(prefix="capsa-frontends-"))  # 0700: only this user can connect
         self.forward_path = str(self.dir / "forward.sock")
         self.http_path = str(self.dir / "http.sock")
@@ -109,7 +109,8 @@ class FrontendPool:
         self._spawn(self._watch_catalog())
         for index in range(1, self.count + 1):
             self._spawn(self._supervise(index))
-        log.info("HTTP front ends starting", extra={"processes": self.count + 1, "port": self.port})
+        log.info("HTTP front ends starting", extra={"processes": self.settings.http_processes, "port": self.port,
+                                                    "main_serves": self.settings.http_main_serves})
 
     def signal(self, sig: int) -> None:
         """Pass a shutdown signal on to the secondaries (they drain their connections as the primary does)."""

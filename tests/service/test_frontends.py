@@ -417,3 +417,29 @@ def test_sigterm_drains_requests_in_flight_on_every_front_end(tmp_path: Path) ->
         assert server.proc.wait(TIMEOUT) == 0, server.log()[-3000:]
     finally:
         server.stop()
+
+
+@slow
+def test_main_process_can_leave_http_to_the_front_ends(tmp_path: Path) -> None:
+    """CAPSA_HTTP_MAIN_SERVES=false: every request is served by one of the N front ends (never the main process),
+    with its own rows, and the metrics sum both front ends."""
+    root, work = tmp_path / "registry", tmp_path / "bundles"
+    bundle = add_model(root, work, "vote", "vote")
+    server = ServerProcess(root, tmp_path / "server.log", env={"CAPSA_HTTP_PROCESSES": "2",
+                                                               "CAPSA_HTTP_MAIN_SERVES": "false"})
+    try:
+        server.wait_ready()
+        wait_for(lambda: len(set(secondaries(server))) == 2, "two secondary front ends", server)
+        reference = capsa.load_bundle(bundle)
+        url = server.url + "/v2/models/vote/infer"
+        xs = [np.full((1, 4), i, np.float32) for i in range(24)]
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda x: post(url, v2(x)), xs))
+        for x, r in zip(xs, responses, strict=True):
+            assert r.status_code == 200, r.text
+            got = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in r.json()["outputs"]}
+            np.testing.assert_allclose(got["prediction"], expected(reference, x)[0], rtol=1e-4, atol=1e-5)
+        assert {frontend(r) for r in responses} == {"1", "2"}
+        assert metric(scrape(server), "capsa_inference_request_success_total", "vote") == 24
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
