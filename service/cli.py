@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--allowed-modules",
                         help="comma-separated modules or module:factory entries bundles may run "
                              "(default: the demo's factory only; 'architecture' allows bundle-local code)")
+    parser.add_argument("--http-processes", type=int,
+                        help="HTTP front-end processes on the port, sharing the model workers (default 1)")
     parser.add_argument("--demo", action="store_true", default=None,
                         help="build a small demo model into a local registry and serve it")
     parser.add_argument("--version", action="version", version=f"capsa-serve {__version__}")
@@ -77,14 +80,58 @@ def settings_problems(exc: ValidationError | SettingsError) -> str:
     return "\n".join(lines)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_tcp(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """The listening socket; ``reuse_port``: SO_REUSEPORT, so that every HTTP front end (service.frontends) binds
+    the same port and the kernel spreads connections over them; ``listen=False``: only bound (the port is held,
+    connections go to the front ends)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def run_server(app: Any, settings: Settings, sockets: list[socket.socket], *,
+               on_server: Callable[[Any], None] | None = None,
+               on_signal: Callable[[int], None] | None = None) -> bool:
+    """Serve ``app`` on ``sockets`` with uvicorn (uvloop + httptools, the edge limits of service.edge) until SIGTERM
+    or SIGINT, then drain; returns whether the server started. ``on_server`` gets the server before it runs,
+    ``on_signal`` each shutdown signal (the HTTP front ends pass it on)."""
+    import uvicorn
+
+    from service.edge import EdgeLimits, EdgeServer, protocol_class
+
+    limits = EdgeLimits.from_settings(settings)
+    config = uvicorn.Config(
+        app, loop="uvloop", http=protocol_class(limits), lifespan="on",
+        access_log=False, log_config=None, log_level=settings.log_level,
+        # uvicorn annotates these int but uses them as seconds in float arithmetic: fractions work
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+        server_header=False,
+    )
+    server = EdgeServer(config, limits, settings.shutdown_grace_s)
+    if on_signal is not None:
+        handle_exit = server.handle_exit
+
+        def relay(sig: int, frame: Any) -> None:
+            on_signal(sig)
+            handle_exit(sig, frame)
+
+        server.handle_exit = relay  # type: ignore[method-assign]
+    if on_server is not None:
+        on_server(server)
+    # uvicorn handles SIGTERM/SIGINT itself (graceful drain), then restores the previous handlers and re-raises
+    # the signal: with these no-op handlers in place, that re-raise does not kill us and we exit with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=sockets)
+    return bool(server.started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,38 +157,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import numpy as np
-    import uvicorn
 
     # This process only moves tensors; inputs and outputs are checked for finiteness explicitly, so a float64 to
     # float32 overflow in a JSON input is just an inf to refuse, not a RuntimeWarning on stderr.
     np.seterr(over="ignore")
 
     from service.app import create_app
-    from service.edge import EdgeLimits, EdgeServer, protocol_class
 
-    app = create_app(settings)
-    limits = EdgeLimits.from_settings(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http=protocol_class(limits), lifespan="on",
-        access_log=False, log_config=None, log_level=settings.log_level,
-        # uvicorn annotates these int but uses them as seconds in float arithmetic: fractions work
-        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
-        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
-        server_header=False,
-    )
-    server = EdgeServer(config, limits, settings.shutdown_grace_s)
+    app: Any = create_app(settings)
+    pool = None
+    serves = settings.http_processes == 1 or settings.http_main_serves
     try:
-        sock = _bind(settings.host, settings.port)
+        sock = bind_tcp(settings.host, settings.port, reuse_port=settings.http_processes > 1, listen=serves)
     except OSError as exc:
         log.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(exc)})
         return 1
-    log.info("listening", extra={"host": settings.host, "port": sock.getsockname()[1]})
-    # uvicorn handles SIGTERM/SIGINT itself (graceful drain), then restores the previous handlers and re-raises
-    # the signal: with these no-op handlers in place, that re-raise does not kill us and we exit with status 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
-    if not server.started:
+    sockets = [sock] if serves else []
+    if settings.http_processes > 1:  # secondary front ends on the same port (service.frontends)
+        from service.frontends.primary import FrontendPool
+
+        pool = FrontendPool(settings)
+        pool.port = sock.getsockname()[1]
+        app = pool.wrap(app)
+        sockets.append(pool.http_socket)
+    log.info("listening", extra={"host": settings.host, "port": sock.getsockname()[1],
+                                 "http_processes": settings.http_processes})
+    started = run_server(app, settings, sockets, on_signal=pool.signal if pool is not None else None)
+    if not started:
         log.error("server failed to start")
         return 1
     log.info("server stopped")

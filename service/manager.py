@@ -33,7 +33,7 @@ from service.batching import Batcher
 from service.calibrated import ServedCalibration
 from service.components import component_names
 from service.metrics import VERSION_STATES, Metrics, VersionMetrics
-from service.model_config import ConfigError, worker_torch_threads
+from service.model_config import ConfigError, available_cores, worker_torch_threads
 from service.protocol import DATATYPES
 from service.registry import Registry, RegistryError
 from service.settings import Settings, parse_devices
@@ -152,7 +152,9 @@ class ModelVersion:
         instances = settings.workers_per_device or int(config.instances)
         self.slots = [(device, i) for device in devices for i in range(instances)]
         cpu_workers = sum(1 for device, _ in self.slots if device == "cpu")
-        self.torch_threads = worker_torch_threads(config.torch_threads, settings.torch_threads, cpu_workers)
+        # every HTTP front end beyond the first takes a core too (CAPSA_HTTP_PROCESSES, service.frontends)
+        cores = max(1, available_cores() - settings.http_processes + 1)
+        self.torch_threads = worker_torch_threads(config.torch_threads, settings.torch_threads, cpu_workers, cores)
         self.workers: dict[int, WorkerProcess] = {}
         self._slot_of: dict[int, tuple[str, int]] = {}
         self._backoff: dict[tuple[str, int], float] = {}

@@ -33,6 +33,16 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="Port of the KServe V2 gRPC service and grpc.health.v1, on the same host "
                                           "(0: no gRPC)."
     )
+    http_processes: int = Field(
+        1, ge=1, le=64, description="HTTP front-end processes listening on the port (SO_REUSEPORT), sharing the "
+                                    "model workers and their batches: above 1 when one Python process's HTTP "
+                                    "handling is the bottleneck and cores are free (service.frontends)."
+    )
+    http_main_serves: bool = Field(
+        True, description="With CAPSA_HTTP_PROCESSES > 1: the main process (models, batching, gRPC) serves HTTP on "
+                          "the port too; false: all CAPSA_HTTP_PROCESSES are front ends and the main process only "
+                          "batches their requests (one more process; for machines with many cores)."
+    )
     max_grpc_connections: int | None = Field(
         None, ge=1, description="Open gRPC client connections beyond which new ones are closed at once (the client "
                                 "sees UNAVAILABLE). Default: a quarter of the connection budget (the open-file limit "

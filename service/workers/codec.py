@@ -280,3 +280,13 @@ class FrameReader:
         buffer = bytearray(self._specs[len(self._buffers)][2])
         self._buffers.append(buffer)
         self._target, self._filled = memoryview(buffer), 0
+
+
+def register(*types: type) -> None:
+    """Let frames carry more message types (frozen dataclasses of the kinds above), e.g. the HTTP front ends'
+    forwarding messages (:mod:`service.frontends.messages`); a peer can still build nothing unregistered."""
+    for cls in types:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls!r} is not a dataclass")
+        MESSAGE_TYPES[cls.__name__] = cls
+        _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
