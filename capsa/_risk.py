@@ -85,7 +85,10 @@ def risk_score(risk: Tensor | Risk, task: Literal["regression", "classification"
       ``risk.log_epistemic`` (the log of the spread, from the members' log-probabilities), so it keeps its order
       where probabilities saturate in float32 and ``s`` itself would underflow to 0: inputs ever farther from the
       data (logit gaps of hundreds or thousands) still get distinct, decreasing scores, never 0, -inf or NaN.
-      The transform is monotone, so it ranks exactly as ``s`` does wherever ``s`` is representable.
+      The transform is monotone, so it ranks exactly as ``s`` does wherever ``s`` is representable. One limit: a
+      class whose probability rounds to 1.0 in every member keeps no spread in float32 (its true spread is that
+      of the other classes' sum), so where the top class saturates ``s`` may come out up to half its exact value
+      (``k`` up to ``ln 2`` larger); inputs whose exact ``k`` differ by more than that keep their order.
 
     ``risk`` is a `Risk` (its ``task`` decides) or a tensor: a single wrapper's risk, regression unless ``task`` says
     ``"classification"`` (then the tensor is the per-class probability spread, without its log, so saturated
