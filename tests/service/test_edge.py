@@ -90,6 +90,9 @@ def test_full_queue_sheds_before_decoding(server: ServerProcess) -> None:
         return metric(httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text,
                       "capsa_inference_pending_requests", "sleepy")
 
+    # an earlier test's 504 (test_server) outlives the stuck-worker grace: sleepy's worker may be restarting
+    _wait_for(lambda: httpx.get(f"{server.url}/v2/models/sleepy/ready", timeout=TIMEOUT).status_code == 200, 120)
+    _wait_for(lambda: pending() == 0)
     threads = [threading.Thread(target=send, args=("running", sleepy_input(2000)))]
     threads[0].start()
     _wait_for(lambda: pending() >= 1)
