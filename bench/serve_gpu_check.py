@@ -165,9 +165,11 @@ def main() -> int:
         cnn = run_cnn(Server("capsa", proc, url, log_path), cnn_bundle, drive, rounds=1, duration=8.0,
                       device="cuda:0")
         print(cnn_markdown(cnn))
-        check(cnn["served_images_per_s"] > 0, f"CNN on cuda:0 served {cnn['ratio']:.2f}x the in-process forward "
-              f"(images/s {cnn['served_images_per_s']:.0f} vs {cnn['inprocess_images_per_s']:.0f} at batch "
-              f"{cnn['mean_batch']:.1f}; Python client)")
+        check(cnn["served_images_per_s"] > 0, "CNN served on cuda:0")
+        # The target (>= 0.8x the in-process forward) is a figure, not a pass/fail of the served path.
+        print(f"{'TARGET MET' if cnn['ratio'] >= 0.8 else 'TARGET MISSED'} (>= 0.8x): CNN on cuda:0 served "
+              f"{cnn['ratio']:.2f}x the in-process forward (images/s {cnn['served_images_per_s']:.0f} vs "
+              f"{cnn['inprocess_images_per_s']:.0f} at batch {cnn['mean_batch']:.1f}; Python client)", flush=True)
 
         entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
         pid = next(e["pid"] for e in entries if e.get("msg") == "worker ready" and e["worker"].startswith("vote-"))
