@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import PROTOCOLS, Metrics
@@ -52,3 +54,27 @@ def test_each_protocol_counts_on_its_own_series() -> None:
     assert 'capsa_inference_request_success_total{model="mlp",protocol="rest",version="1"} 0.0' in text
     assert 'capsa_inference_request_failure_total{model="mlp",protocol="rest",version="1"} 1.0' in text
     assert 'capsa_inference_request_duration_seconds_count{model="mlp",protocol="grpc",version="1"} 1.0' in text
+
+
+def test_observe_many_equals_one_observe_per_value() -> None:
+    """`observe_many` writes prometheus_client's histogram internals directly (it has no batch observe): the exposed
+    buckets, count and sum must equal one ``observe`` per value, bucket bounds and infinities included."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from service.metrics import observe_many
+
+    values = np.array([0.0, 0.005, 0.0051, 0.1, 0.25, 0.3, 7.5, 10.0, 11.0, np.inf, 0.005, 2.5])
+    registry = CollectorRegistry()
+    batched = Histogram("batched", "h", registry=registry)
+    single = Histogram("single", "h", registry=registry)
+    observe_many(batched, values)
+    for value in values.tolist():
+        single.observe(value)
+
+    def samples(name: str) -> dict[tuple[str, str], float]:
+        return {(s.name.removeprefix(name), s.labels.get("le", "")): s.value
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                if family.name == name for s in family.samples if not s.name.endswith("_created")}
+
+    assert samples("batched") == samples("single")
+    assert samples("batched")[("_count", "")] == len(values)
