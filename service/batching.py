@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.busypoll import LoopPoller
 from service.metrics import VersionMetrics, observe_many
 from service.workers.handle import WorkerGone
 from service.workers.messages import Failed, Outcome, Outputs, Split
@@ -138,6 +139,7 @@ class Batcher:
         timeout_s: float,
         metrics: VersionMetrics,
         on_stuck: Callable[[BatchWorker], None] | None = None,
+        busy_poll_s: float = 0.0,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.on_stuck = on_stuck  # called with a worker whose batch outlives its requests' deadlines
@@ -153,6 +155,8 @@ class Batcher:
         self._drained = asyncio.Event()
         self._drained.set()
         self._loop = asyncio.get_running_loop()
+        #: keeps the loop polling while and just after batches run (CAPSA_BUSY_POLL_US; None: off)
+        self._poller = LoopPoller.of(self._loop, busy_poll_s) if busy_poll_s > 0 else None
         metrics.pending.set_function(self.pending_requests)
 
     def pending_requests(self) -> int:
@@ -269,6 +273,8 @@ class Batcher:
                 batch.watchdog = self._loop.call_later(self.timeout_s + self.stuck_grace_s, self._stuck, worker,
                                                        batch)
             self.busy[worker.id] = (worker, batch)
+            if self._poller is not None:
+                self._poller.touch()
             try:
                 worker.send_batch(batch.id, array, offsets)
             except WorkerGone as exc:  # it is exiting: its on_exit calls remove_worker, which retries the batch
@@ -302,6 +308,8 @@ class Batcher:
             self._dispatch()
             return
         batch = entry[1]
+        if self._poller is not None:
+            self._poller.touch()
         if batch.watchdog is not None:
             batch.watchdog.cancel()
         self.metrics.exec_count.inc()

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
                              "(default: the demo's factory only; 'architecture' allows bundle-local code)")
     parser.add_argument("--http-processes", type=int,
                         help="HTTP front-end processes on the port, sharing the model workers (default 1)")
+    parser.add_argument("--busy-poll-us", type=int,
+                        help="keep workers and the event loop polling this many microseconds after each batch: "
+                             "lower latency at low load for CPU time (default 0: off)")
     parser.add_argument("--demo", action="store_true", default=None,
                         help="build a small demo model into a local registry and serve it")
     parser.add_argument("--version", action="version", version=f"capsa-serve {__version__}")

@@ -148,6 +148,7 @@ class ModelVersion:
             timeout_s=settings.request_timeout_s,
             metrics=self.metrics,
             on_stuck=self._on_stuck,
+            busy_poll_s=settings.busy_poll_us / 1e6,
         )
         instances = settings.workers_per_device or int(config.instances)
         self.slots = [(device, i) for device in devices for i in range(instances)]
@@ -232,6 +233,7 @@ class ModelVersion:
             torch_threads=self.torch_threads,
             interop_threads=self.config.interop_threads,
             warmup_batch=min(self.max_batch_size, 8),
+            busy_poll_s=self.settings.busy_poll_us / 1e6,
         )
         worker = WorkerProcess(
             spec, name=f"{self.name}-{self.version}-{device}-{slot[1]}", on_ready=self._on_ready,

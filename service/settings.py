@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         300.0, gt=0, description="How long a worker may take to load and warm up its model."
     )
+    busy_poll_us: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Busy-poll window in microseconds (0: off): workers poll their socket, and the HTTP process's "
+                    "event loop keeps polling, this long after each batch instead of sleeping at once; lower latency "
+                    "at low load for CPU time (see service.busypoll).",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After value (seconds) sent with 503 answers.")
     cache_dir: str | None = Field(
         None, description="Local cache for bundles fetched from a remote registry, and for the demo model."

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from service.busypoll import recv_into_polling
 from service.workers.codec import FrameReader, ProtocolError, encode
 from service.workers.messages import (
     Failed,
@@ -119,15 +120,16 @@ def worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
             send(sock, LoadFailed(_error(exc)))
         return
     send(sock, Ready(os.getpid(), str(device), torch.get_num_threads(), torch.get_num_interop_threads()))
-    serve(sock, lambda message: run_batch(model, torch, device, message))
+    serve(sock, lambda message: run_batch(model, torch, device, message), spec.busy_poll_s)
 
 
-def serve(sock: socket.socket, handle: Any) -> None:
-    """Answer each :class:`RunBatch` with ``handle(batch)`` until :class:`Stop` or the parent closes the socket."""
+def serve(sock: socket.socket, handle: Any, busy_poll_s: float = 0.0) -> None:
+    """Answer each :class:`RunBatch` with ``handle(batch)`` until :class:`Stop` or the parent closes the socket;
+    ``busy_poll_s``: how long to poll for the next batch before blocking (see :mod:`service.busypoll`)."""
     reader = FrameReader()
     while True:
         try:
-            received = sock.recv_into(reader.get_buffer())
+            received = recv_into_polling(sock, reader.get_buffer(), busy_poll_s)
         except OSError:
             return  # the parent is gone
         if received == 0:

@@ -175,7 +175,8 @@ class WorkerProcess:
                 self.state = "ready"
                 log.info("worker ready", extra={"worker": self.name, "pid": self.pid, "device": message.device,
                                                 "torch_threads": message.threads,
-                                                "interop_threads": message.interop_threads})
+                                                "interop_threads": message.interop_threads,
+                                                "busy_poll_us": round(self.spec.busy_poll_s * 1e6)})
                 self._on_ready(self)
             elif isinstance(message, LoadFailed):
                 self._cancel_start_timer()

@@ -24,6 +24,7 @@ class WorkerSpec:
     torch_threads: int = 1  # intra-op threads (CPU workers)
     warmup_batch: int = 1
     interop_threads: int = 1
+    busy_poll_s: float = 0.0  # after each batch, poll the socket this long before blocking (service.busypoll)
 
 
 @dataclass(frozen=True)
