@@ -5,6 +5,8 @@ order rotated per round so that drift (other load, thermal) hits every column al
 
 - ``floor-asgi``: bare ASGI app on the same uvicorn stack, fixed answer (:mod:`bench.floors`): the HTTP limit.
 - ``floor-fastapi``: FastAPI route echoing the JSON body.
+- ``v2-json-poll``, ``v2-binary-poll``: a second capsa-serve with ``CAPSA_BUSY_POLL_US`` (``--busy-poll-us``,
+  default 2000; see :mod:`service.busypoll`).
 - ``v2-json``, ``v2-binary``, ``v1``: capsa-serve REST, one sample per request (binary: the binary tensor
   extension for inputs and outputs).
 - ``floor-grpc`` and ``grpc``: a bare ``grpc.aio`` echo and capsa-serve's ``ModelInfer``, driven by
@@ -74,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument("--grpc-processes", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="processes of the gRPC load generator")
+    parser.add_argument("--busy-poll-us", type=int, default=2000,
+                        help="also a second capsa-serve with CAPSA_BUSY_POLL_US set to this (its V2 JSON and binary "
+                             "columns, 'busy-poll'); 0: no second server (default 2000)")
     parser.add_argument("--access-log", choices=("on", "off"), default="off",
                         help="capsa-serve's access log (default off, as the floors have none)")
     parser.add_argument("--capsa-env", action="append", default=[], metavar="KEY=VALUE",
@@ -98,16 +103,19 @@ def _load() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def start_capsa(registry: Path, logs: Path, args: argparse.Namespace) -> Server:
-    """capsa-serve on the registry, REST and gRPC on free ports, CPU workers."""
+def start_capsa(registry: Path, logs: Path, args: argparse.Namespace, name: str = "capsa",
+                busy_poll_us: int = 0) -> Server:
+    """capsa-serve on the registry, REST and gRPC on free ports, CPU workers (``busy_poll_us``: its
+    CAPSA_BUSY_POLL_US, unless ``--capsa-env`` sets it)."""
     port, grpc_port = free_port(), free_port()
-    env = {"CAPSA_ACCESS_LOG": "true" if args.access_log == "on" else "false", "CAPSA_ALLOWED_MODULES": "architecture"}
+    env = {"CAPSA_ACCESS_LOG": "true" if args.access_log == "on" else "false", "CAPSA_ALLOWED_MODULES": "architecture",
+           "CAPSA_BUSY_POLL_US": str(busy_poll_us)}
     if args.threads:
         env["CAPSA_TORCH_THREADS"] = str(args.threads)
     for item in args.capsa_env:
         key, _, value = item.partition("=")
         env[key] = value
-    server = start("capsa", [python(), "-m", "service", "--model-repository", str(registry), "--port", str(port),
+    server = start(name, [python(), "-m", "service", "--model-repository", str(registry), "--port", str(port),
                              "--grpc-port", str(grpc_port), "--devices", "cpu"], logs, env)
     server.base, server.extra["grpc"] = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
     wait_for(f"{server.base}/v2/health/ready", proc=server.proc)
@@ -167,9 +175,13 @@ def aggregate(column: Column, c: int, rounds: list[dict[str, float]]) -> dict[st
     return point
 
 
-def columns(peer_columns: list[Column], samples: int = 1) -> list[Column]:
-    """The columns of the run, floors first; capsa's requests carry ``samples`` samples each."""
+def columns(peer_columns: list[Column], samples: int = 1, busy_poll_us: int = 0) -> list[Column]:
+    """The columns of the run, floors first; capsa's requests carry ``samples`` samples each; with
+    ``busy_poll_us``, V2 JSON and binary columns of the second capsa-serve (server ``capsa-poll``) too."""
     x = sample_row(samples)
+    poll = f"busy-poll {busy_poll_us / 1000:g} ms"
+    polled = [Column("v2-json-poll", f"capsa V2 JSON, {poll}", "capsa-poll", "wrk", v2_json(x=x), model="mlp"),
+              Column("v2-binary-poll", f"capsa V2 binary, {poll}", "capsa-poll", "wrk", v2_binary(x=x), model="mlp")]
     return [
         Column("floor-asgi", "bare ASGI floor", "floor-asgi", "wrk", v2_json(x=x, path="/")),
         Column("floor-fastapi", "FastAPI echo floor", "floor-fastapi", "wrk", v2_json(x=x, path="/echo")),
@@ -178,6 +190,7 @@ def columns(peer_columns: list[Column], samples: int = 1) -> list[Column]:
         Column("v1", "capsa V1", "capsa", "wrk", v1(n=samples), model="mlp"),
         Column("floor-grpc", "bare grpc.aio floor", "floor-grpc", "grpc", grpc_infer(x=x), floor="floor-grpc"),
         Column("grpc", "capsa gRPC", "capsa", "grpc", grpc_infer(x=x), floor="floor-grpc", model="mlp"),
+        *(polled if busy_poll_us else []),
         *peer_columns,
     ]
 
@@ -198,7 +211,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_before": _load(), "rounds": rounds,
             "duration": duration, "wrk_threads": args.wrk_threads, "grpc_processes": args.grpc_processes,
             "capsa_torch_threads": args.threads, "capsa_access_log": args.access_log,
-            "capsa_env": args.capsa_env, "samples_per_request": args.samples, "logs": str(logs)}
+            "capsa_env": args.capsa_env, "busy_poll_us": args.busy_poll_us, "samples_per_request": args.samples,
+            "logs": str(logs)}
     print(f"bench: {meta['command']}; logs in {logs}", flush=True)
     kinds = ("mlp",) if args.no_cnn else ("cnn",) if args.cnn else ("mlp", "cnn")
     bundles = build_registry(tmp / "registry", kinds)
@@ -210,12 +224,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if not args.cnn:
             for kind in ("asgi", "fastapi", "grpc"):
                 servers[f"floor-{kind}"] = start_floor(kind, logs)
+            if args.busy_poll_us:
+                servers["capsa-poll"] = start_capsa(tmp / "registry", logs, args, "capsa-poll", args.busy_poll_us)
             peer_columns: list[Column] = []
             if args.peers:
                 from bench import peers
 
                 peer_columns = peers.start_all(bundles["mlp"], args.peers_cache, logs, servers, unavailable)
-            cols = columns(peer_columns, args.samples)
+            cols = columns(peer_columns, args.samples, args.busy_poll_us)
             scripts = {col.name: wrk_script(col.request, tmp) for col in cols if isinstance(col.request, Request)}
             for col in cols:  # warm-up: every server, every code path
                 measure(col, servers[col.server], 8, 1.0, args, scripts)

@@ -36,6 +36,26 @@ def test_columns_carry_the_requested_samples() -> None:
     assert len(json.loads(by["v1"].request.body)["instances"]) == 8  # type: ignore[union-attr]
     assert by["v2-binary"].request.headers["Content-Type"] == "application/octet-stream"  # type: ignore[union-attr]
     assert by["grpc"].floor == "floor-grpc" and by["v2-json"].floor == "floor-asgi"
+    assert "v2-json-poll" not in by  # the busy-polling server's columns only when asked for
+
+
+def test_busy_poll_columns_go_to_the_second_server_and_get_their_own_targets() -> None:
+    from bench.serve import columns
+
+    assert parser().parse_args(["serve"]).busy_poll_us == 2000
+    assert parser().parse_args(["serve", "--busy-poll-us", "0"]).busy_poll_us == 0
+    by = {col.name: col for col in columns([], busy_poll_us=500)}
+    assert (by["v2-json-poll"].server, by["v2-binary-poll"].server) == ("capsa-poll", "capsa-poll")
+    assert by["v2-json-poll"].label == "capsa V2 JSON, busy-poll 0.5 ms" and by["v2-json-poll"].floor == "floor-asgi"
+    floor = Column("floor-asgi", "f", "floor-asgi", "wrk", Request("/", b"", {}))
+    points = [aggregate(floor, 1, [_round(1000.0, 0.1, 0.3)])]
+    for col, p50, rps in ((by["v2-json"], 0.6, 500.0), (by["v2-json-poll"], 0.3, 800.0),
+                          (by["v2-binary-poll"], 0.3, 900.0)):
+        points.append(aggregate(col, 1, [_round(rps, p50, 1.0, samples=1.0, batches=1.0)]))
+    found = report.targets(points, None)
+    assert "FAIL: V2 JSON p50 at c=1 is the floor's + 0.50 ms (<= 0.25)" in found
+    assert "PASS: V2 JSON (busy-poll) p50 at c=1 is the floor's + 0.20 ms (<= 0.25)" in found
+    assert "PASS: binary (busy-poll) at c=1 is 1.12x JSON's req/s (>= 1)" in found
 
 
 def test_unknown_subcommand_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
