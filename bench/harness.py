@@ -208,14 +208,30 @@ def run_wrk(url: str, script: Path, connections: int, duration: float, threads: 
             "client_cpu_s": usage.ru_utime + usage.ru_stime, "errors": float(errors)}
 
 
-def batch_counters(base: str, model: str) -> tuple[float, float]:
-    """(samples, batches) capsa-serve has run for ``model`` so far, from its Prometheus ``/metrics``."""
+#: capsa-serve's counters the bench reads, by the name it gives them: samples and batches run, requests answered
+#: and the seconds they spent in the server (from admission to the encoded answer), the workers' compute seconds.
+CAPSA_COUNTERS = {
+    "samples": "capsa_inference_count_total", "batches": "capsa_inference_exec_count_total",
+    "answered": "capsa_inference_request_duration_seconds_count",
+    "in_server_s": "capsa_inference_request_duration_seconds_sum",
+    "compute_s": "capsa_inference_compute_duration_seconds_sum",
+}
+
+
+def capsa_counters(base: str, model: str) -> dict[str, float]:
+    """:data:`CAPSA_COUNTERS` for ``model`` so far (summed over other labels), from capsa-serve's ``/metrics``."""
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    values = []
-    for metric in ("capsa_inference_count_total", "capsa_inference_exec_count_total"):
+    values = {}
+    for name, metric in CAPSA_COUNTERS.items():
         found = re.findall(rf'^{metric}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)', text, re.M)
-        values.append(sum(float(v) for v in found))
-    return values[0], values[1]
+        values[name] = sum(float(v) for v in found)
+    return values
+
+
+def batch_counters(base: str, model: str) -> tuple[float, float]:
+    """(samples, batches) capsa-serve has run for ``model`` so far."""
+    counts = capsa_counters(base, model)
+    return counts["samples"], counts["batches"]
 
 
 def python() -> str:

@@ -27,9 +27,12 @@ def point_row(point: dict[str, Any]) -> str:
     label = point["label"]
     if point.get("errors"):
         label += f" ({point['errors']:.0f} errors)"
+    inside = ""
+    if point.get("in_server_ms") is not None:
+        inside = f"{point['in_server_ms']:.2f} ({point['compute_ms']:.2f})"
     return (f"| {point['c']} | {label} | {_num(ratio, 2, 'x')} | {_num(point['rps'])} | {_num(point['p50'], 2)} | "
-            f"{_num(point['p99'], 2)} | {_num(point.get('batch'), 1)} | {_num(point.get('server_cpu_us'))} | "
-            f"{_num(100 * point['client_cpu_share'], 0, '%')} |")
+            f"{_num(point['p99'], 2)} | {inside} | {_num(point.get('batch'), 1)} | "
+            f"{_num(point.get('server_cpu_us'))} | {_num(100 * point['client_cpu_share'], 0, '%')} |")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -41,13 +44,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"{meta.get('samples_per_request', 1)} sample(s) per request; HTTP load: wrk -t{meta['wrk_threads']}; "
         f"gRPC load: {meta['grpc_processes']} Python grpc.aio processes.",
         "",
-        "| c | server | x floor | req/s | p50 ms | p99 ms | mean batch | server CPU us/req | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| c | server | x floor | req/s | p50 ms | p99 ms | in server ms (compute) | mean batch | server CPU us/req "
+        "| client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [point_row(p) for p in result["points"]]
     lines += ["", "x floor: requests/s over the bare ASGI floor's at the same c (gRPC rows: over the bare grpc.aio "
               "floor's). client CPU: the load generator's CPU time over the run's wall time (100% = one core; wrk "
-              "-t1 at 100% is saturated)."]
+              "-t1 at 100% is saturated). in server (compute): capsa-serve's mean time per request from admission "
+              "(body read) to the encoded answer, from its request-duration metric, and in brackets its workers' "
+              "mean compute time per batch; the rest of the latency is HTTP parsing and writing, the kernel and the "
+              "client."]
     idle = [p.get("idle_servers_cpu_share", 0.0) for p in result["points"]]
     if idle:
         lines[-1] += (f" The servers not under load used {100 * sum(idle) / len(idle):.0f}% of a core on average "

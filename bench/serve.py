@@ -36,7 +36,7 @@ from bench.harness import (
     Column,
     Request,
     Server,
-    batch_counters,
+    capsa_counters,
     cpu_seconds,
     free_port,
     python,
@@ -139,7 +139,7 @@ def measure(column: Column, server: Server, c: int, duration: float, args: argpa
     pids = server.pids()
     idle_pids = [p for other in idle for p in other.pids()]
     cpu0, idle0 = cpu_seconds(pids), cpu_seconds(idle_pids)
-    counts0 = batch_counters(server.base, column.model) if column.model else (0.0, 0.0)
+    counts0 = capsa_counters(server.base, column.model) if column.model else {}
     if column.driver == "grpc":
         assert isinstance(column.request, bytes)
         result = pyload.run("grpc", str(server.extra["grpc"]), column.request, c, duration, args.grpc_processes)
@@ -150,13 +150,14 @@ def measure(column: Column, server: Server, c: int, duration: float, args: argpa
     result["idle_servers_cpu_s"] = cpu_seconds(idle_pids) - idle0
     result["duration"] = duration
     if column.model:
-        counts1 = batch_counters(server.base, column.model)
-        result["samples"], result["batches"] = counts1[0] - counts0[0], counts1[1] - counts0[1]
+        counts1 = capsa_counters(server.base, column.model)
+        result.update((name, counts1[name] - counts0[name]) for name in counts1)
     return result
 
 
 def aggregate(column: Column, c: int, rounds: list[dict[str, float]]) -> dict[str, Any]:
-    """One table cell from its rounds: mean req/s, median p50/p99, pooled CPU and batch counts."""
+    """One table cell from its rounds: mean req/s, median p50/p99, pooled CPU and batch counts, and (capsa-serve)
+    the mean time a request spent in the server and the worker's mean compute time per batch."""
     import statistics
 
     requests = sum(r["requests"] for r in rounds)
@@ -171,7 +172,12 @@ def aggregate(column: Column, c: int, rounds: list[dict[str, float]]) -> dict[st
         "errors": sum(r["errors"] for r in rounds), "rounds": rounds,
     }
     if column.model:
-        point["batch"] = sum(r["samples"] for r in rounds) / max(sum(r["batches"] for r in rounds), 1.0)
+        batches = max(sum(r["batches"] for r in rounds), 1.0)
+        point["batch"] = sum(r["samples"] for r in rounds) / batches
+        if all("in_server_s" in r for r in rounds):  # where a request's time went, from the server's metrics
+            point["in_server_ms"] = 1e3 * sum(r["in_server_s"] for r in rounds) / max(
+                sum(r["answered"] for r in rounds), 1.0)
+            point["compute_ms"] = 1e3 * sum(r["compute_s"] for r in rounds) / batches
     return point
 
 

@@ -79,7 +79,8 @@ def canned() -> dict[str, object]:
     for c in (1, 32):
         points.append(aggregate(floor, c, [_round(1000.0 * c, 0.1, 0.3), _round(1200.0 * c, 0.2, 0.5)]))
         for col, scale in ((capsa, 0.6), (binary, 0.5)):
-            points.append(aggregate(col, c, [_round(scale * 1000 * c, 0.3, 4.0, samples=60.0, batches=10.0)]))
+            points.append(aggregate(col, c, [_round(scale * 1000 * c, 0.3, 4.0, samples=60.0, batches=10.0,
+                                                    answered=60.0, in_server_s=0.012, compute_s=0.001)]))
     for p in points:
         p["vs_floor"] = p["rps"] / next(q["rps"] for q in points if q["column"] == "floor-asgi" and q["c"] == p["c"])
     cnn = {"ratio": 0.9, "cpu_ratio": 0.95, "served_images_per_s": 900.0, "inprocess_images_per_s": 1000.0,
@@ -109,6 +110,7 @@ def test_report_writes_markdown_json_and_targets(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["serve.md", "serve.json"]
     text = (tmp_path / "serve.md").read_text()
     assert "| 32 | capsa V2 JSON | 0.55x | 19,200 |" in text  # ratio first, then req/s
+    assert "| 0.30 | 4.00 | 0.20 (0.10) | 6.0 |" in text  # p50, p99, in server 12 ms / 60, compute 1 ms / 10
     assert "| 1 | bare ASGI floor | 1.00x |" in text
     assert "ray-serve: unavailable (pip install failed: x)" in text
     assert "FAIL: binary at c=32 is 0.83x JSON's req/s (>= 1)" in text
