@@ -174,3 +174,13 @@ def test_peer_names_agree() -> None:
     from bench import peers, serve
 
     assert tuple(peers.PACKAGES) == serve.PEER_SERVERS == tuple(peers.DISTRIBUTIONS)
+
+
+def test_wake_cost_runs_every_case() -> None:
+    """The wake-cost script runs (tiny n) and reports a positive p50 for each of its five gaps."""
+    from bench import wake_cost
+
+    cases = wake_cost._cases(20)
+    assert [label for label, _ in cases] == ["back to back", "0.5 ms spinning", "0.5 ms asleep", "2 ms spinning",
+                                            "2 ms asleep"]
+    assert all(p50 > 0 for _, p50 in cases)
