@@ -39,6 +39,7 @@ from service.batching import (
     ServeError,
     Unavailable,
 )
+from service.busypoll import LoopPoller
 from service.errors import ApiError
 from service.fastpath import ServingMiddleware
 from service.frontends.channel import Channel
@@ -72,9 +73,11 @@ def _refusal(message: Refused) -> ServeError:
 class PrimaryLink:
     """This front end's connection to the primary: forwarded requests, catalog updates, metric scrapes."""
 
-    def __init__(self, index: int, metrics: Metrics) -> None:
+    def __init__(self, index: int, metrics: Metrics, busy_poll_s: float = 0.0) -> None:
         self.index = index
         self.metrics = metrics
+        self.busy_poll_s = busy_poll_s  # CAPSA_BUSY_POLL_US: poll while forwarded requests are out (service.busypoll)
+        self._poller: LoopPoller | None = None
         self.channel: Channel | None = None
         self.pending: dict[int, tuple[asyncio.Future[Rows], asyncio.TimerHandle]] = {}
         self._ids = itertools.count(1)
@@ -89,6 +92,8 @@ class PrimaryLink:
         loop = asyncio.get_running_loop()
         _, channel = await loop.create_unix_connection(lambda: Channel(self._received, self._lost), path)
         self.channel = channel
+        if self.busy_poll_s > 0:
+            self._poller = LoopPoller.of(loop, self.busy_poll_s)
         channel.send(Hello(self.index, os.getpid()))
         self._push_timer = loop.call_later(_PUSH_METRICS_S, self._push)
 
@@ -112,6 +117,8 @@ class PrimaryLink:
         future: asyncio.Future[Rows] = loop.create_future()
         timer = loop.call_later(timeout_s + _SAFETY_S, self._expire, request_id)
         self.pending[request_id] = (future, timer)
+        if self._poller is not None:
+            self._poller.touch()
         return future
 
     def _expire(self, request_id: int) -> None:
@@ -120,6 +127,8 @@ class PrimaryLink:
             entry[0].set_exception(DeadlineExceeded("the server's primary process did not answer in time"))
 
     def _received(self, channel: Channel, message: Any) -> None:
+        if self._poller is not None and isinstance(message, (Forwarded, Refused)):
+            self._poller.touch()
         if isinstance(message, Forwarded):
             outputs, offsets = message.outputs, message.offsets
             for i, request_id in enumerate(message.request_ids):
@@ -214,7 +223,7 @@ class SecondaryApp:
         self.forward_path = forward_path
         self.http_path = http_path
         self.metrics = Metrics()
-        self.link = PrimaryLink(index, self.metrics)
+        self.link = PrimaryLink(index, self.metrics, settings.busy_poll_us / 1e6)
         self.state = SimpleNamespace(settings=settings, metrics=self.metrics, manager=None, grpc=None,
                                      access_log=AccessLog() if settings.access_log else None)
         self.serving = ServingMiddleware(self._proxy, state=self.state)

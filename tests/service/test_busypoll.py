@@ -180,3 +180,36 @@ def test_a_busy_polling_server_answers_as_the_model_does(registry: dict[str, Any
         assert ready and all(e["busy_poll_us"] == 3000 for e in ready)
     finally:
         assert proc.stop() == 0, proc.log()[-3000:]
+
+
+def test_a_front_end_polls_while_its_forwarded_requests_are_out() -> None:
+    """A secondary front end (CAPSA_HTTP_PROCESSES > 1) touches its loop's poller when it forwards a request to the
+    main process and when the answer comes back; without the setting it has no poller."""
+    from service.frontends.messages import Forwarded
+    from service.frontends.secondary import PrimaryLink
+
+    class Channel:
+        open = True
+
+        def send(self, message: object) -> None:
+            pass
+
+        def later(self, key: object, item: object, flush: object) -> None:
+            pass
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        plain = PrimaryLink(1, Metrics())
+        assert plain._poller is None
+        link = PrimaryLink(1, Metrics(), busy_poll_s=0.05)
+        link.channel = Channel()  # type: ignore[assignment]
+        link._poller = LoopPoller.of(loop, link.busy_poll_s)  # what connect() does once connected
+        future = link.forward("m", 1, np.ones((1, 2), np.float32), timeout_s=5.0)
+        assert link._poller.active
+        sent_at = link._poller.last
+        z = np.zeros((1, 1), np.float32)
+        link._received(link.channel, Forwarded((1,), Outputs(z, z, z[:, 0]), (0, 1)))  # type: ignore[arg-type]
+        assert link._poller.last >= sent_at
+        assert (await future)[0].tolist() == [[0.0]]
+
+    asyncio.run(scenario())

@@ -422,11 +422,13 @@ def test_sigterm_drains_requests_in_flight_on_every_front_end(tmp_path: Path) ->
 @slow
 def test_main_process_can_leave_http_to_the_front_ends(tmp_path: Path) -> None:
     """CAPSA_HTTP_MAIN_SERVES=false: every request is served by one of the N front ends (never the main process),
-    with its own rows, and the metrics sum both front ends."""
+    with its own rows, and the metrics sum both front ends. With busy polling on (CAPSA_BUSY_POLL_US; the fleet's
+    tests run without it), so that the front ends' polling loops serve too."""
     root, work = tmp_path / "registry", tmp_path / "bundles"
     bundle = add_model(root, work, "vote", "vote")
     server = ServerProcess(root, tmp_path / "server.log", env={"CAPSA_HTTP_PROCESSES": "2",
-                                                               "CAPSA_HTTP_MAIN_SERVES": "false"})
+                                                               "CAPSA_HTTP_MAIN_SERVES": "false",
+                                                               "CAPSA_BUSY_POLL_US": "2000"})
     try:
         server.wait_ready()
         wait_for(lambda: len(set(secondaries(server))) == 2, "two secondary front ends", server)
