@@ -12,10 +12,11 @@ With a window ``W`` (seconds):
 - a worker that finished a batch keeps reading its socket without blocking for up to ``W`` before it sleeps
   (:func:`recv_into_polling`), yielding the CPU between tries so that other runnable processes on its core go
   first;
-- the HTTP process's event loop (and a front end's, ``CAPSA_HTTP_PROCESSES`` > 1) keeps polling (a callback that re-schedules itself, so the loop's ``epoll`` does not
-  sleep) until ``W`` after the last batch was sent or answered (:class:`LoopPoller`), yielding the CPU on each turn
-  too: without that, at one client on 2 vCPUs the client process and the worker queued behind the polling loop
-  (worker round trip at c=1, p50 over three alternations: 280-370 us without the yield, 220-300 us with it).
+- the HTTP process's event loop (and each front end's, with ``CAPSA_HTTP_PROCESSES`` > 1) keeps polling (a callback
+  that re-schedules itself, so the loop's ``epoll`` does not sleep) until ``W`` after the last batch (or forwarded
+  request) was sent or answered (:class:`LoopPoller`), yielding the CPU on each turn too: without that, at one
+  client on 2 vCPUs the client process and the worker queued behind the polling loop (worker round trip at c=1,
+  p50 over three alternations: 280-370 us without the yield, 220-300 us with it).
 
 The cost is CPU: at a steady trickle of requests both processes stay busy, and under a CPU quota (Kubernetes
 ``limits.cpu``) that time counts against the quota. So it is off by default; turn it on where latency at low load
