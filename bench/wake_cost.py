@@ -16,13 +16,24 @@ import time
 
 
 def _cases(n: int) -> list[tuple[str, float]]:
+    """(label, p50 us) per gap, on one torch thread (torch's thread count is restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(n: int) -> list[tuple[str, float]]:
     import torch
 
     import capsa
     from bench import serve_arch
     from bench.models import IN_FEATURES, VOTERS
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     wrapped = capsa.vote.Wrapper(n_voters=VOTERS)(serve_arch.build_mlp(in_features=IN_FEATURES))
     wrapped(torch.randn(4, IN_FEATURES))

@@ -177,10 +177,15 @@ def test_peer_names_agree() -> None:
 
 
 def test_wake_cost_runs_every_case() -> None:
-    """The wake-cost script runs (tiny n) and reports a positive p50 for each of its five gaps."""
+    """The wake-cost script runs (tiny n) and reports a positive p50 for each of its five gaps, leaving torch's
+    thread count as it found it (it measures on one thread; a leaked setting changed later tests' results)."""
+    import torch
+
     from bench import wake_cost
 
+    threads = torch.get_num_threads()
     cases = wake_cost._cases(20)
+    assert torch.get_num_threads() == threads
     assert [label for label, _ in cases] == ["back to back", "0.5 ms spinning", "0.5 ms asleep", "2 ms spinning",
                                             "2 ms asleep"]
     assert all(p50 > 0 for _, p50 in cases)
