@@ -6,7 +6,10 @@ times, so that the machine's other load hits both alike. Per run: requests/s, p5
 each kind of process spent per request (primary, secondary front ends, model worker) and wrk's own CPU, which show
 where the time goes and whether the client saturated. Run from the repository root::
 
-    python -m bench.http_processes [--processes 2] [--rounds 3] [--duration 10] [--connections 32]
+    python -m bench.http_processes [--processes 2] [--rounds 3] [--duration 10] [--connections 32] [--hub]
+        [--busy-poll-us N]
+
+``--busy-poll-us N``: each configuration runs twice, without and with ``CAPSA_BUSY_POLL_US=N``, in the same rounds.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--hub", action="store_true",
                         help="also N front ends with a main process that serves no HTTP (CAPSA_HTTP_MAIN_SERVES=false)")
+    parser.add_argument("--busy-poll-us", type=int, default=0,
+                        help="also each configuration with CAPSA_BUSY_POLL_US set to this (default 0: not)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,14 +68,16 @@ def main() -> None:
         configs = [("N=1", 1, "true"), (f"N={args.processes}", args.processes, "true")]
         if args.hub:
             configs.append((f"N={args.processes} hub", args.processes, "false"))
+        polls = [0, args.busy_poll_us] if args.busy_poll_us else [0]
         try:
-            for label, n, serves in configs:
+            for (label, n, serves), poll in [(config, poll) for config in configs for poll in polls]:
+                label += f" busy-poll {poll} us" if poll else ""
                 port = free_port()
-                server = start(f"capsa-{n}-{serves}", [python(), "-m", "service", "--model-repository",
-                                                       str(registry), "--port", str(port), "--devices", "cpu",
-                                                       "--http-processes", str(n)],
+                server = start(f"capsa-{n}-{serves}-{poll}", [python(), "-m", "service", "--model-repository",
+                                                              str(registry), "--port", str(port), "--devices", "cpu",
+                                                              "--http-processes", str(n)],
                                Path(tmp), {"CAPSA_ALLOWED_MODULES": "architecture", "CAPSA_GRPC_PORT": "0",
-                                           "CAPSA_HTTP_MAIN_SERVES": serves})
+                                           "CAPSA_HTTP_MAIN_SERVES": serves, "CAPSA_BUSY_POLL_US": str(poll)})
                 server.base = f"http://127.0.0.1:{port}"
                 servers[label] = server
             for server in servers.values():
