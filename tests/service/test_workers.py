@@ -120,11 +120,13 @@ def test_only_message_types_can_be_encoded() -> None:
         encode(RunBatch(1, np.zeros(1), (0, {1: 2})))  # type: ignore[arg-type]
 
 
-def test_child_loop_over_a_socket_pair_with_blocking_io() -> None:
-    """The worker side: answers batches of every size in order, stops on Stop; big frames need many reads."""
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.002])
+def test_child_loop_over_a_socket_pair_with_blocking_io(busy_poll_s: float) -> None:
+    """The worker side: answers batches of every size in order, stops on Stop; big frames need many reads (16 MB
+    here), also when each read first polls without blocking (CAPSA_BUSY_POLL_US: partial reads mid-frame)."""
     parent, child = socket.socketpair()
     thread = threading.Thread(target=serve, args=(child, lambda m: Result(m.batch_id, 0.0, Outputs(
-        m.array * 2, m.array, m.array[:, 0].copy()))))
+        m.array * 2, m.array, m.array[:, 0].copy())), busy_poll_s))
     thread.start()
     try:
         arrays = [np.full((n, 4), n, dtype=np.float32) for n in (1, 9000, 2, 1_000_000)]
